@@ -1,0 +1,161 @@
+"""Materialized compressed checkpoints: write once per variant, load anywhere.
+
+A checkpoint directory holds `manifest.json` (base model, variant, method
+parameters) and `compressed.safetensors` with what the method produced for each
+compressed block matrix: RTN stores integer codes plus per-(channel, group)
+scales (and zero points when asymmetric), never a float copy; pruning stores a
+bit-packed keep-mask plus the kept values. Everything else (embeddings,
+unembedding, norms, biases) is read from the base model at load time, so it is
+full precision by construction and a tied unembedding can never change.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from .models import as_out_in, from_out_in, load_model, target_weights
+from .prune import magnitude_mask
+from .quantize import QuantizedTensor, RTNSpec, quantize_rtn
+from .variants import Variant, parse_variant
+
+MANIFEST = "manifest.json"
+TENSORS = "compressed.safetensors"
+
+
+def rtn_spec(variant: Variant) -> RTNSpec:
+    assert variant.bits is not None
+    return RTNSpec(bits=variant.bits, symmetric=variant.symmetric, group_size=variant.group_size)
+
+
+def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy()))
+
+
+def _unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    n = int(np.prod(shape))
+    bits = np.unpackbits(packed.numpy(), count=n).astype(bool)
+    return torch.from_numpy(bits).view(shape)
+
+
+def compress_state(
+    model: nn.Module, variant: Variant, sparsity: float | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The safetensors payload and method record for one variant of a float32 model."""
+    payload: dict[str, torch.Tensor] = {}
+    method: dict[str, Any] = {"kind": variant.kind}
+    names = list(target_weights(model))
+    if variant.kind in ("fp", "null"):
+        return payload, method
+    if variant.kind == "rtn":
+        spec = rtn_spec(variant)
+        method.update(asdict(spec))
+        for name, param in tqdm(names, desc=f"quantize {variant.name}", unit="matrix"):
+            q = quantize_rtn(as_out_in(param.data, model), spec)
+            payload[f"{name}.codes"] = q.codes
+            payload[f"{name}.scale"] = q.scale
+            if q.zero is not None:
+                payload[f"{name}.zero"] = q.zero
+        return payload, method
+    # pruning (fixed or matched sparsity)
+    s = variant.sparsity if variant.kind == "prune" else sparsity
+    if s is None:
+        raise ValueError(f"variant {variant.name!r} needs a sparsity (from the matched search)")
+    method["sparsity"] = float(s)
+    for name, param in tqdm(names, desc=f"prune {variant.name}", unit="matrix"):
+        keep = magnitude_mask(param.data, s)
+        payload[f"{name}.mask"] = _pack_mask(keep)
+        payload[f"{name}.values"] = param.data[keep].to(torch.float32).contiguous()
+    return payload, method
+
+
+def apply_state(
+    model: nn.Module, payload: dict[str, torch.Tensor], method: dict[str, Any]
+) -> nn.Module:
+    """Write decompressed block matrices into `model` in place (float32 math, then run dtype)."""
+    kind = method["kind"]
+    if kind in ("fp", "null"):
+        return model
+    for name, param in target_weights(model):
+        if kind == "rtn":
+            shape = as_out_in(param.data, model).shape
+            group_size = method.get("group_size")
+            q = QuantizedTensor(
+                codes=payload[f"{name}.codes"],
+                scale=payload[f"{name}.scale"],
+                zero=payload.get(f"{name}.zero"),
+                group_size=shape[1] if group_size is None else min(group_size, shape[1]),
+            )
+            dense = from_out_in(q.dequantize(), model)
+        else:
+            keep = _unpack_mask(payload[f"{name}.mask"], param.shape)
+            dense = torch.zeros(param.shape, dtype=torch.float32)
+            dense[keep] = payload[f"{name}.values"]
+        with torch.no_grad():
+            param.data.copy_(dense.to(device=param.device, dtype=param.dtype))
+    return model
+
+
+def write_checkpoint(
+    base: str | Path,
+    variant_name: str,
+    out_dir: str | Path,
+    revision: str | None = None,
+    sparsity: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Compress the base model (loaded in float32) and write the checkpoint directory atomically."""
+    variant = parse_variant(variant_name)
+    out_dir = Path(out_dir)
+    model = load_model(base, dtype="float32", revision=revision)
+    payload, method = compress_state(model, variant, sparsity=sparsity)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(payload, tmp / TENSORS)
+    manifest = {
+        "base": str(base),
+        "revision": revision,
+        "variant": variant.name,
+        "method": method,
+        "n_compressed_matrices": sum(1 for _ in target_weights(model)),
+        **(extra or {}),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def read_manifest(checkpoint_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(checkpoint_dir) / MANIFEST).read_text())
+
+
+def load_checkpoint(
+    checkpoint_dir: str | Path,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """Load the base model in the run dtype and apply the variant's stored compression."""
+    checkpoint_dir = Path(checkpoint_dir)
+    manifest = read_manifest(checkpoint_dir)
+    model = load_model(
+        manifest["base"],
+        dtype=dtype,
+        revision=manifest.get("revision"),
+        attn_implementation=attn_implementation,
+        device="cpu",
+    )
+    payload = load_file(checkpoint_dir / TENSORS)
+    apply_state(model, payload, manifest["method"])
+    return model.to(device).eval()

@@ -1,0 +1,301 @@
+"""`sae-audit <stage>`: the command line every Snakemake rule calls.
+
+Each subcommand parses paths and a JSON slice of the config, then calls one
+function of `sae_audit.stages` (or the fixture builders). No logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], Any]
+_COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+def command(
+    name: str, args: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _COMMANDS[name] = (fn, args)
+        return fn
+
+    return register
+
+
+def _params(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--params", type=json.loads, default={}, help="JSON slice of the workflow config"
+    )
+
+
+def _pairs(values: Sequence[str]) -> dict[str, str]:
+    """NAME=PATH arguments as a mapping."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep:
+            raise SystemExit(f"expected NAME=PATH, got {v!r}")
+        out[name] = path
+    return out
+
+
+# ---------------------------------------------------------------- fixture
+@command(
+    "fixture-corpus", lambda p: (_params(p), p.add_argument("--train"), p.add_argument("--heldout"))
+)
+def _fixture_corpus(a: argparse.Namespace) -> Any:
+    from .fixture import CorpusConfig, build_corpus
+
+    return build_corpus(CorpusConfig(**a.params), a.train, a.heldout)
+
+
+@command(
+    "fixture-tokenizer", lambda p: (_params(p), p.add_argument("--train"), p.add_argument("--out"))
+)
+def _fixture_tokenizer(a: argparse.Namespace) -> Any:
+    from .fixture import TokenizerConfig, train_tokenizer
+
+    return train_tokenizer(TokenizerConfig(**a.params), a.train, a.out)
+
+
+@command(
+    "fixture-model",
+    lambda p: (
+        _params(p),
+        p.add_argument("--tokenizer"),
+        p.add_argument("--train"),
+        p.add_argument("--heldout"),
+        p.add_argument("--out"),
+    ),
+)
+def _fixture_model(a: argparse.Namespace) -> Any:
+    from .fixture import ModelTrainConfig, train_model
+
+    return train_model(ModelTrainConfig(**a.params), a.tokenizer, a.train, a.heldout, a.out)
+
+
+@command(
+    "fixture-sae",
+    lambda p: (
+        _params(p),
+        p.add_argument("--model"),
+        p.add_argument("--train"),
+        p.add_argument("--out"),
+    ),
+)
+def _fixture_sae(a: argparse.Namespace) -> Any:
+    from .fixture import SAETrainConfig, train_sae
+
+    return train_sae(SAETrainConfig(**a.params), a.model, a.train, a.out)
+
+
+# ---------------------------------------------------------------- sweep
+@command(
+    "tokenize",
+    lambda p: (
+        _params(p),
+        p.add_argument("--tokenizer", required=True),
+        p.add_argument("--text", nargs="+", required=True),
+        p.add_argument("--out", nargs="+", required=True),
+    ),
+)
+def _tokenize(a: argparse.Namespace) -> Any:
+    from .stages import tokenize
+
+    return tokenize(a.tokenizer, a.text, a.params, a.out)
+
+
+@command(
+    "compress",
+    lambda p: (
+        _params(p),
+        p.add_argument("--base", required=True),
+        p.add_argument("--variant", required=True),
+        p.add_argument("--matched", default=None, help="matched-sparsity search result (JSON)"),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _compress(a: argparse.Namespace) -> Any:
+    from .stages import compress
+
+    return str(compress(a.base, a.variant, a.params, a.out, a.matched))
+
+
+@command(
+    "match-sparsity",
+    lambda p: (
+        _params(p),
+        p.add_argument("--base", required=True),
+        p.add_argument("--target", required=True),
+        p.add_argument("--target-nll", nargs="+", required=True),
+        p.add_argument("--tokens", nargs="+", required=True),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _match(a: argparse.Namespace) -> Any:
+    from .stages import match_sparsity
+
+    return match_sparsity(
+        a.base,
+        a.target,
+        a.target_nll,
+        a.tokens,
+        a.params["model"],
+        a.params["matched"],
+        a.params["encode"],
+        a.out,
+    )
+
+
+@command(
+    "encode",
+    lambda p: (
+        _params(p),
+        p.add_argument("--checkpoint", required=True),
+        p.add_argument("--sae-path", default=None),
+        p.add_argument("--tokens", required=True),
+        p.add_argument("--codes", required=True),
+        p.add_argument("--nll", required=True),
+        p.add_argument("--metrics", default=None),
+        p.add_argument("--model-name", required=True),
+    ),
+)
+def _encode(a: argparse.Namespace) -> Any:
+    from .stages import encode
+
+    return encode(
+        a.checkpoint,
+        a.params["sae"],
+        a.sae_path,
+        a.tokens,
+        a.codes,
+        a.nll,
+        a.model_name,
+        a.params["model"],
+        a.params["encode"],
+        a.metrics,
+    )
+
+
+@command(
+    "stats",
+    lambda p: (
+        p.add_argument("--codes", nargs="+", required=True),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _stats(a: argparse.Namespace) -> Any:
+    from .stages import fp_stats
+
+    return fp_stats(a.codes, a.out)
+
+
+@command(
+    "correlate",
+    lambda p: (
+        p.add_argument("--fp", nargs="+", required=True),
+        p.add_argument("--variant", nargs="+", required=True),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _correlate(a: argparse.Namespace) -> Any:
+    from .stages import correlate
+
+    return correlate(a.fp, a.variant, a.out)
+
+
+@command(
+    "sliding-perplexity",
+    lambda p: (
+        _params(p),
+        p.add_argument("--checkpoint", required=True),
+        p.add_argument("--tokens", nargs="+", required=True),
+        p.add_argument("--tokenizer", required=True),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _sliding(a: argparse.Namespace) -> Any:
+    from .stages import sliding_perplexity
+
+    return sliding_perplexity(a.checkpoint, a.tokens, a.tokenizer, a.params, a.out)
+
+
+@command(
+    "perplexity",
+    lambda p: (
+        p.add_argument("--nll", nargs="+", required=True, help="VARIANT=PATH per NLL shard"),
+        p.add_argument("--sliding", nargs="*", default=[], help="VARIANT=PATH per sliding result"),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _perplexity(a: argparse.Namespace) -> Any:
+    from .stages import perplexity_table
+
+    nll: dict[str, list[str]] = {}
+    for v in a.nll:
+        name, _, path = v.partition("=")
+        nll.setdefault(name, []).append(path)
+    return perplexity_table(nll, _pairs(a.sliding), a.out)
+
+
+@command(
+    "survival",
+    lambda p: (
+        _params(p),
+        p.add_argument("--fp-stats", required=True),
+        p.add_argument("--correlation", nargs="+", required=True, help="VARIANT=PATH"),
+        p.add_argument("--perplexity", required=True),
+        p.add_argument("--features-out", required=True),
+        p.add_argument("--summary-out", required=True),
+    ),
+)
+def _survival(a: argparse.Namespace) -> Any:
+    from .stages import survival
+
+    return survival(
+        a.fp_stats, _pairs(a.correlation), a.perplexity, a.params, a.features_out, a.summary_out
+    )
+
+
+@command(
+    "plot",
+    lambda p: (
+        p.add_argument("figure", help="name of a function in sae_audit.plots"),
+        p.add_argument("--inputs", nargs="+", required=True),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _plot(a: argparse.Namespace) -> Any:
+    from . import plots
+
+    fn = getattr(plots, a.figure, None)
+    if fn is None or a.figure.startswith("_"):
+        raise SystemExit(f"unknown figure {a.figure!r}")
+    fn(*a.inputs, out=a.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sae-audit", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, add_args) in _COMMANDS.items():
+        add_args(sub.add_parser(name))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    result = _COMMANDS[args.command][0](args)
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

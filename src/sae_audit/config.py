@@ -1,0 +1,144 @@
+"""The workflow config: load, validate against the JSON schema, and derive what the DAG needs.
+
+The Snakefile and the CLI share these functions, so a variant list or a model's
+source path is computed in one place. Each job receives only its own slice of the
+config (see `slice_hash`), so editing one key re-runs only the jobs that read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .variants import parse_variant, prune_name, rtn_name
+
+FIXTURE = "fixture"
+
+
+def schema_path() -> Path:
+    """The schema ships with the package (the workflow's copy is a symlink-free duplicate check)."""
+    return Path(str(resources.files("sae_audit") / "config.schema.yaml"))
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(schema_path().read_text())
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and the fix."""
+
+
+def validate(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate (filling schema defaults) and cross-check; raise ConfigError naming the key."""
+    config = json.loads(json.dumps(config))  # plain, mutable copy
+    validator_cls = jsonschema.validators.validator_for(load_schema())
+    validator = _with_defaults(validator_cls)(load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+        raise ConfigError(f"config key '{key}': {err.message}")
+    _cross_check(config)
+    return config
+
+
+def _with_defaults(validator_cls: Any) -> Any:
+    """A validator that also fills `default`s in, like snakemake.utils.validate(set_default=True)."""
+    validate_properties = validator_cls.VALIDATORS["properties"]
+
+    def set_defaults(validator: Any, properties: Any, instance: Any, schema: Any) -> Any:
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(prop, json.loads(json.dumps(sub["default"])))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+
+
+def _cross_check(config: dict[str, Any]) -> None:
+    names = variant_names(config)
+    for name in names:
+        try:
+            parse_variant(name)
+        except ValueError as e:
+            raise ConfigError(f"config key 'compression': {e}") from e
+    for target in config["compression"]["prune"]["matched"]["targets"]:
+        if target not in names:
+            raise ConfigError(
+                f"config key 'compression.prune.matched.targets': target {target!r} is not a "
+                f"configured variant; configured: {names}"
+            )
+    analysis = config["analysis"]
+    if analysis["destroyed"] > analysis["survived"]:
+        raise ConfigError(
+            "config key 'analysis.destroyed': must not exceed 'analysis.survived' "
+            f"({analysis['destroyed']} > {analysis['survived']})"
+        )
+    for model, spec in config["models"].items():
+        uses_fixture = FIXTURE in (
+            spec["model"]["source"],
+            spec["sae"].get("source"),
+            spec["tokens"]["source"],
+        )
+        if uses_fixture and "fixture" not in config:
+            raise ConfigError(
+                f"config key 'models.{model}': uses the fixture but 'fixture' is not configured"
+            )
+    for pair in config["overlap"]["pairs"]:
+        for name in pair:
+            if name not in names:
+                raise ConfigError(
+                    f"config key 'overlap.pairs': {name!r} is not a configured variant"
+                )
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    return validate(yaml.safe_load(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------- derived
+def rtn_variants(config: Mapping[str, Any]) -> list[str]:
+    rtn = config["compression"]["rtn"]
+    return [rtn_name(b, rtn.get("group_size"), rtn.get("symmetric", True)) for b in rtn["bits"]]
+
+
+def matched_variants(config: Mapping[str, Any]) -> list[str]:
+    return [f"prune-matched-{t}" for t in config["compression"]["prune"]["matched"]["targets"]]
+
+
+def variant_names(config: Mapping[str, Any]) -> list[str]:
+    """Every compressed variant, in display order (FP excluded: it is the reference)."""
+    prune = config["compression"]["prune"]
+    names = (
+        rtn_variants(config)
+        + [prune_name(s) for s in prune["sparsities"]]
+        + matched_variants(config)
+    )
+    if config["stability"]["null_run"]:
+        names.append("fp-null")
+    return names
+
+
+def overlap_pairs(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Configured pairs, or by default each RTN variant against each matched-pruning variant."""
+    if config["overlap"]["pairs"]:
+        return [(a, b) for a, b in config["overlap"]["pairs"]]
+    return [(r, m) for m in matched_variants(config) for r in rtn_variants(config)]
+
+
+def model_names(config: Mapping[str, Any]) -> list[str]:
+    return list(config["models"])
+
+
+def slice_hash(*parts: Any) -> str:
+    """Short stable hash of config slices: recorded in outputs to say what made them."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,236 @@
+"""Loading causal LMs and finding, per architecture family, what to compress and where to hook.
+
+One small table says, for each family, where the decoder blocks live, which block
+matrices are compressed (attention and MLP only: embeddings, unembedding, norms
+and biases stay full precision), and which of them store weights as Conv1D
+[in, out] rather than nn.Linear [out, in].
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its blocks and which block matrices get compressed."""
+
+    blocks: str  # dotted path of the ModuleList of decoder blocks
+    matrices: tuple[str, ...]  # paths inside a block of the weights to compress
+    attention: str  # path inside a block of the attention module
+    mlp: str  # path inside a block of the MLP module
+    conv1d: bool = False  # weights stored [in, out] (GPT-2's Conv1D)
+    default_attn_implementation: str | None = None
+
+
+_LLAMA_LIKE = Family(
+    blocks="model.layers",
+    matrices=(
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ),
+    attention="self_attn",
+    mlp="mlp",
+)
+
+FAMILIES: dict[str, Family] = {
+    "gpt_neox": Family(
+        blocks="gpt_neox.layers",
+        matrices=(
+            "attention.query_key_value",
+            "attention.dense",
+            "mlp.dense_h_to_4h",
+            "mlp.dense_4h_to_h",
+        ),
+        attention="attention",
+        mlp="mlp",
+    ),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    # Gemma-2's soft-capped attention is wrong under sdpa; eager is its reference path.
+    "gemma2": Family(**{**_LLAMA_LIKE.__dict__, "default_attn_implementation": "eager"}),
+    "gpt2": Family(
+        blocks="transformer.h",
+        matrices=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+        attention="attn",
+        mlp="mlp",
+        conv1d=True,
+    ),
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}: supported families are {sorted(FAMILIES)} "
+            "(add one to sae_audit.models.FAMILIES)"
+        )
+    return FAMILIES[model_type]
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    blocks = model.get_submodule(family_of(model).blocks)
+    assert isinstance(blocks, nn.ModuleList)
+    return blocks
+
+
+def target_weights(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(state-dict name, parameter) of every block matrix that compression touches."""
+    family = family_of(model)
+    for i, _ in enumerate(blocks_of(model)):
+        for path in family.matrices:
+            name = f"{family.blocks}.{i}.{path}.weight"
+            yield name, model.get_parameter(name)
+
+
+def as_out_in(weight: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """View a block matrix as [out, in] (Conv1D stores [in, out])."""
+    return weight.t() if family_of(model).conv1d else weight
+
+
+def from_out_in(weight: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    return weight.t().contiguous() if family_of(model).conv1d else weight
+
+
+# ---------------------------------------------------------------- hook points
+_HOOK = re.compile(
+    r"^blocks\.(?P<layer>\d+)\.(?P<point>hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out)$"
+)
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """Where, in HF module terms, a TransformerLens-style hook name reads the residual stream."""
+
+    hook_name: str
+    module: str  # dotted module path
+    use_input: bool  # read the module's input (resid_pre) instead of its output
+
+
+def resolve_hook(model: nn.Module, hook_name: str) -> HookPoint:
+    """Map `blocks.L.hook_*` to the HF module whose output (or input) it is."""
+    m = _HOOK.match(hook_name)
+    if not m:
+        raise ValueError(
+            f"unsupported SAE hook {hook_name!r}: expected blocks.<L>.hook_resid_post, "
+            "hook_resid_pre, hook_mlp_out or hook_attn_out"
+        )
+    family = family_of(model)
+    layer, point = int(m["layer"]), m["point"]
+    n_layers = len(blocks_of(model))
+    if layer >= n_layers:
+        raise ValueError(
+            f"SAE hook {hook_name!r} names layer {layer}, but the model has {n_layers}"
+        )
+    block = f"{family.blocks}.{layer}"
+    if point == "hook_resid_post":
+        return HookPoint(hook_name, block, use_input=False)
+    if point == "hook_resid_pre":
+        return HookPoint(hook_name, block, use_input=True)
+    if point == "hook_mlp_out":
+        return HookPoint(hook_name, f"{block}.{family.mlp}", use_input=False)
+    return HookPoint(hook_name, f"{block}.{family.attention}", use_input=False)
+
+
+class ActivationCapture:
+    """Context manager that records the activation at one or more hook points per forward."""
+
+    def __init__(self, model: nn.Module, hook_names: list[str]):
+        self.points = [resolve_hook(model, h) for h in hook_names]
+        self.model = model
+        self.activations: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _record(self, hook_name: str, value: object) -> None:
+        tensor = value[0] if isinstance(value, tuple | list) else value
+        assert isinstance(tensor, torch.Tensor)
+        self.activations[hook_name] = tensor.detach()
+
+    def __enter__(self) -> ActivationCapture:
+        for point in self.points:
+            module = self.model.get_submodule(point.module)
+            name = point.hook_name
+            if point.use_input:
+
+                def pre_hook(_m, args, kwargs, name=name):
+                    self._record(name, args[0] if args else kwargs["hidden_states"])
+
+                self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            else:
+
+                def hook(_m, _args, output, name=name):
+                    self._record(name, output)
+
+                self._handles.append(module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def hooked_width(model: nn.Module, hook_name: str) -> int:
+    """Width of the activation at a hook point (d_model for every supported point)."""
+    resolve_hook(model, hook_name)
+    return int(model.config.hidden_size)
+
+
+# ---------------------------------------------------------------- loading
+def resolve_device(device: str) -> torch.device:
+    """'auto' means the GPU this job was given (CUDA_VISIBLE_DEVICES) when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this node")
+    return torch.device(device)
+
+
+def load_model(
+    source: str | Path,
+    dtype: str = "float32",
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a causal LM by HF id or local directory, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config = AutoConfig.from_pretrained(str(source), revision=revision)
+    family = FAMILIES.get(config.model_type)
+    if attn_implementation is None and family is not None:
+        attn_implementation = family.default_attn_implementation
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source), revision=revision, dtype=DTYPES[dtype], **kwargs
+    )
+    family_of(model)  # fail early on an unsupported architecture
+    return model.to(device).eval()
+
+
+def load_tokenizer(source: str | Path, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source), revision=revision)

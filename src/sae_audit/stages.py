@@ -1,0 +1,319 @@
+"""One function per workflow rule: paths and config slices in, files out.
+
+These are what the CLI (and so every Snakemake rule) calls; tests call them
+directly. Each writes its outputs atomically or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from .checkpoints import load_checkpoint, read_manifest, write_checkpoint
+from .config import slice_hash
+from .encode import EncodeConfig, encode_token_shard
+from .models import DTYPES, load_model, load_tokenizer, resolve_device, target_weights
+from .prune import magnitude_mask
+from .saes import check_compatible, load_sae
+from .tokens import TokenSetConfig, build_token_set, load_token_ids, read_documents
+
+log = logging.getLogger("sae_audit")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
+    tmp.replace(path)
+
+
+def tokenize(
+    tokenizer_source: str, text_paths: list[str], params: dict[str, Any], out_paths: list[str]
+) -> dict[str, Any]:
+    cfg = TokenSetConfig.from_dict(params)
+    tokenizer = load_tokenizer(tokenizer_source)
+    info = build_token_set(read_documents(text_paths), tokenizer, cfg, out_paths)
+    log.info("token set: %s", info)
+    return info
+
+
+def compress(
+    base: str,
+    variant: str,
+    model_params: dict[str, Any],
+    out_dir: str,
+    matched_json: str | None = None,
+) -> Path:
+    sparsity = None
+    extra: dict[str, Any] = {}
+    if matched_json is not None:
+        search = json.loads(Path(matched_json).read_text())
+        sparsity = float(search["sparsity"])
+        extra["matched_search"] = search
+    path = write_checkpoint(
+        base,
+        variant,
+        out_dir,
+        revision=model_params.get("revision"),
+        sparsity=sparsity,
+        extra=extra,
+    )
+    log.info("wrote %s (%s)", path, read_manifest(path)["method"])
+    return path
+
+
+def encode(
+    checkpoint: str,
+    sae_spec: dict[str, Any],
+    sae_path: str | None,
+    token_shard: str,
+    codes_path: str,
+    nll_path: str,
+    model_name: str,
+    model_params: dict[str, Any],
+    encode_params: dict[str, Any],
+    metrics_path: str | None = None,
+) -> dict[str, Any]:
+    cfg = EncodeConfig(**encode_params)
+    device = resolve_device(cfg.device)
+    manifest = read_manifest(checkpoint)
+    model = load_checkpoint(
+        checkpoint,
+        dtype=model_params.get("dtype", "float32"),
+        device=device,
+        attn_implementation=model_params.get("attn_implementation"),
+    )
+    sae = load_sae(sae_spec, device=device, path=sae_path)
+    hook = check_compatible(model, sae)
+    meta = {
+        "model": model_name,
+        "variant": manifest["variant"],
+        "sae": str(
+            sae_path
+            or sae_spec.get("path")
+            or f"{sae_spec.get('release')}/{sae_spec.get('sae_id')}"
+        ),
+        "config_hash": slice_hash(model_params, sae_spec, encode_params, manifest["method"]),
+    }
+    info = encode_token_shard(
+        model, sae, hook, token_shard, codes_path, nll_path, meta, cfg, device
+    )
+    log.info("encoded: %s", info)
+    if metrics_path:
+        write_json(metrics_path, info)
+    return info
+
+
+def nll_by_sequence(nll_paths: list[str], seq_len: int, n_sequences: int | None) -> float:
+    """Token-weighted perplexity over the first n_sequences sequences, from NLL shards."""
+    frame = pl.concat([pl.read_parquet(p) for p in nll_paths])
+    if n_sequences is not None:
+        frame = frame.filter(pl.col("token") < n_sequences * seq_len)
+    return float(np.exp(frame["nll"].mean()))
+
+
+def match_sparsity(
+    base: str,
+    target: str,
+    target_nll_paths: list[str],
+    token_paths: list[str],
+    model_params: dict[str, Any],
+    matched_params: dict[str, Any],
+    encode_params: dict[str, Any],
+    out_path: str,
+) -> dict[str, Any]:
+    """Bisection on pruning sparsity until the pruned model's perplexity matches the target's.
+
+    The target's perplexity comes from its encode NLL shards (no second forward pass),
+    restricted to the same sequences the search evaluates.
+    """
+    from .encode import token_nll
+    from .matched import MatchedConfig, bisect_sparsity
+
+    cfg = MatchedConfig(
+        target=target,
+        tolerance=matched_params["tolerance"],
+        lo=matched_params["lo"],
+        hi=matched_params["hi"],
+        max_steps=matched_params["max_steps"],
+    )
+    device = resolve_device(encode_params.get("device", "auto"))
+    ids = load_token_ids(token_paths)
+    n_seq = matched_params.get("n_sequences") or len(ids)
+    ids = ids[:n_seq]
+    target_ppl = nll_by_sequence(target_nll_paths, ids.shape[1], n_seq)
+    model = load_model(base, dtype="float32", revision=model_params.get("revision"))
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    run_dtype = DTYPES[model_params.get("dtype", "float32")]
+    batch_size = int(encode_params.get("batch_size", 16))
+
+    @torch.no_grad()
+    def perplexity_at(sparsity: float) -> float:
+        model.load_state_dict(original)
+        for _, param in target_weights(model):
+            param.mul_(magnitude_mask(param, sparsity).to(param.dtype))
+        model.to(device=device, dtype=run_dtype)
+        total, count = 0.0, 0
+        for lo in tqdm(
+            range(0, len(ids), batch_size), desc=f"ppl @ sparsity {sparsity:.4f}", leave=False
+        ):
+            batch = torch.from_numpy(ids[lo : lo + batch_size]).to(device)
+            nll = token_nll(model(input_ids=batch).logits, batch)
+            total += float(nll.double().sum())
+            count += nll.numel()
+        model.to(device="cpu", dtype=torch.float32)
+        ppl = float(np.exp(total / count))
+        log.info("sparsity %.5f -> perplexity %.4f (target %.4f)", sparsity, ppl, target_ppl)
+        return ppl
+
+    best, trace = bisect_sparsity(
+        perplexity_at, target_ppl, cfg.lo, cfg.hi, cfg.tolerance, cfg.max_steps
+    )
+    result = {
+        "target": target,
+        "target_perplexity": target_ppl,
+        "sparsity": best,
+        "trace": [{"step": s, "sparsity": x, "perplexity": p} for s, x, p in trace],
+        "n_sequences": int(n_seq),
+        "params": matched_params,
+    }
+    write_json(out_path, result)
+    return result
+
+
+# ---------------------------------------------------------------- analysis
+def fp_stats(code_paths: list[str], out_path: str) -> dict[str, Any]:
+    from .stats import fp_feature_stats
+
+    table = fp_feature_stats([Path(p) for p in code_paths])
+    write_parquet(table, out_path)
+    return {"d_sae": table.height, "n_fired": int((table["firing_count"] > 0).sum())}
+
+
+def correlate(fp_paths: list[str], variant_paths: list[str], out_path: str) -> dict[str, Any]:
+    from .correlate import correlate_variant
+
+    table = correlate_variant([Path(p) for p in fp_paths], [Path(p) for p in variant_paths])
+    write_parquet(table, out_path)
+    return {"n_features": table.height, "flags": table["flag"].value_counts().to_dicts()}
+
+
+def sliding_perplexity(
+    checkpoint: str,
+    token_paths: list[str],
+    tokenizer_source: str,
+    params: dict[str, Any],
+    out_path: str,
+) -> dict[str, Any]:
+    """Strided sliding-window perplexity over the token set read as one stream.
+
+    A BOS that the token set put at the start of every sequence is dropped first,
+    so the stream is the text itself; the evaluation adds its own BOS per window.
+    """
+    from .perplexity import sliding_window_nll
+
+    model_params, ppl, enc = params["model"], params["perplexity"], params["encode"]
+    device = resolve_device(enc.get("device", "auto"))
+    ids = load_token_ids(token_paths)
+    bos_id = load_tokenizer(tokenizer_source).bos_token_id
+    if params.get("tokens", {}).get("bos") and bos_id is not None:
+        ids = ids[:, 1:]
+    stream = torch.from_numpy(ids.reshape(-1))
+    model = load_checkpoint(
+        checkpoint,
+        dtype=model_params.get("dtype", "float32"),
+        device=device,
+        attn_implementation=model_params.get("attn_implementation"),
+    )
+    nll_sum, n_scored = sliding_window_nll(
+        model,
+        stream,
+        window=ppl["window"],
+        stride=ppl["stride"],
+        bos_id=bos_id if ppl.get("bos", True) else None,
+        batch_size=int(enc.get("batch_size", 16)),
+        device=device,
+    )
+    result = {
+        "variant": read_manifest(checkpoint)["variant"],
+        "nll_sum": nll_sum,
+        "n_scored": n_scored,
+        "perplexity": float(np.exp(nll_sum / n_scored)),
+        "window": ppl["window"],
+        "stride": ppl["stride"],
+        "bos": bos_id if ppl.get("bos", True) else None,
+    }
+    write_json(out_path, result)
+    return result
+
+
+def perplexity_table(
+    nll_paths: dict[str, list[str]], sliding_paths: dict[str, str], out_path: str
+) -> dict[str, Any]:
+    """Chunked (from encode NLL shards) and sliding-window perplexity per variant, with % change vs FP."""
+    from .perplexity import chunked_perplexity
+
+    rows = []
+    for variant, paths in nll_paths.items():
+        chunked = chunked_perplexity([Path(p) for p in paths])
+        row: dict[str, Any] = {
+            "variant": variant,
+            "n_tokens": chunked["n_tokens"],
+            "ppl_chunked": chunked["perplexity"],
+        }
+        if variant in sliding_paths:
+            sliding = json.loads(Path(sliding_paths[variant]).read_text())
+            row.update(ppl_sliding=sliding["perplexity"], n_tokens_sliding=sliding["n_scored"])
+        rows.append(row)
+    table = pl.DataFrame(rows)
+    if "fp" not in nll_paths:
+        raise ValueError("perplexity table needs the fp variant as reference")
+    for col in ("ppl_chunked", "ppl_sliding"):
+        if col in table.columns:
+            ref = table.filter(pl.col("variant") == "fp")[col][0]
+            table = table.with_columns((100.0 * (pl.col(col) / ref - 1.0)).alias(f"d{col}_pct"))
+    write_parquet(table, out_path)
+    return {"variants": table.height}
+
+
+def survival(
+    fp_stats_path: str,
+    correlation_paths: dict[str, str],
+    perplexity_path: str,
+    params: dict[str, Any],
+    features_out: str,
+    summary_out: str,
+) -> pl.DataFrame:
+    """Per-feature classes for every variant (long table) and the per-variant summary."""
+    from .survival import SurvivalConfig, feature_table, summary
+
+    cfg = SurvivalConfig(**params)
+    stats = pl.read_parquet(fp_stats_path)
+    tables = {
+        v: feature_table(stats, pl.read_parquet(p), cfg) for v, p in correlation_paths.items()
+    }
+    long = pl.concat(
+        [t.with_columns(pl.lit(v).alias("variant")) for v, t in tables.items()],
+        how="vertical_relaxed",
+    )
+    write_parquet(long.select("variant", pl.exclude("variant")), features_out)
+    table = summary(tables, pl.read_parquet(perplexity_path))
+    write_parquet(table, summary_out)
+    table.write_csv(Path(summary_out).with_suffix(".csv"))
+    return table
+
+
+def write_parquet(frame: pl.DataFrame, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    frame.write_parquet(tmp)
+    tmp.replace(path)

@@ -1,0 +1,93 @@
+# Per-feature statistics, correlations, perplexity and survival tables.
+
+
+rule fp_stats:
+    input:
+        lambda w: code_shards(w.model, "fp"),
+    output:
+        f"{R}/features/{{model}}/fp_stats.parquet",
+    log:
+        f"{R}/logs/fp_stats/{{model}}.log",
+    benchmark:
+        f"{R}/benchmarks/fp_stats/{{model}}.tsv"
+    shell:
+        "sae-audit stats --codes {input} --out {output} > {log} 2>&1"
+
+
+rule correlate:
+    input:
+        fp=lambda w: code_shards(w.model, "fp"),
+        variant=lambda w: code_shards(w.model, w.variant),
+    output:
+        f"{R}/features/{{model}}/{{variant}}/correlation.parquet",
+    log:
+        f"{R}/logs/correlate/{{model}}/{{variant}}.log",
+    benchmark:
+        f"{R}/benchmarks/correlate/{{model}}/{{variant}}.tsv"
+    shell:
+        "sae-audit correlate --fp {input.fp} --variant {input.variant} --out {output} > {log} 2>&1"
+
+
+rule sliding_perplexity:
+    input:
+        checkpoint=f"{R}/checkpoints/{{model}}/{{variant}}",
+        tokens=token_dir,
+    output:
+        f"{R}/perplexity/{{model}}/{{variant}}/sliding.json",
+    params:
+        tokenizer=tokenizer_source,
+        tokens=lambda w: token_files(w.model),
+        cfg=lambda w: dumps(
+            model=model_cfg(w.model)["model"],
+            tokens={"bos": model_cfg(w.model)["tokens"]["bos"]},
+            perplexity=config["perplexity"],
+            encode=config["encode"],
+        ),
+    resources:
+        gpu=0 if config["encode"]["device"] == "cpu" else 1,
+    log:
+        f"{R}/logs/sliding_perplexity/{{model}}/{{variant}}.log",
+    benchmark:
+        f"{R}/benchmarks/sliding_perplexity/{{model}}/{{variant}}.tsv"
+    shell:
+        "sae-audit sliding-perplexity --params {params.cfg:q} --checkpoint {input.checkpoint} "
+        "--tokens {params.tokens} --tokenizer {params.tokenizer} --out {output} > {log} 2>&1"
+
+
+rule perplexity:
+    input:
+        nll=lambda w: [p for v in ALL_VARIANTS for p in nll_shards(w.model, v)],
+        sliding=lambda w: [f"{R}/perplexity/{w.model}/{v}/sliding.json" for v in ALL_VARIANTS],
+    output:
+        f"{R}/tables/{{model}}/perplexity.parquet",
+    params:
+        nll=lambda w: [f"{v}={p}" for v in ALL_VARIANTS for p in nll_shards(w.model, v)],
+        sliding=lambda w: [f"{v}={R}/perplexity/{w.model}/{v}/sliding.json" for v in ALL_VARIANTS],
+    log:
+        f"{R}/logs/perplexity/{{model}}.log",
+    benchmark:
+        f"{R}/benchmarks/perplexity/{{model}}.tsv"
+    shell:
+        "sae-audit perplexity --nll {params.nll} --sliding {params.sliding} --out {output} > {log} 2>&1"
+
+
+rule survival:
+    input:
+        fp_stats=f"{R}/features/{{model}}/fp_stats.parquet",
+        correlation=lambda w: [f"{R}/features/{w.model}/{v}/correlation.parquet" for v in VARIANTS],
+        perplexity=f"{R}/tables/{{model}}/perplexity.parquet",
+    output:
+        features=f"{R}/tables/{{model}}/features.parquet",
+        summary=f"{R}/tables/{{model}}/survival.parquet",
+        csv=f"{R}/tables/{{model}}/survival.csv",
+    params:
+        correlation=lambda w: [f"{v}={R}/features/{w.model}/{v}/correlation.parquet" for v in VARIANTS],
+        cfg=dumps(config["analysis"]),
+    log:
+        f"{R}/logs/survival/{{model}}.log",
+    benchmark:
+        f"{R}/benchmarks/survival/{{model}}.tsv"
+    shell:
+        "sae-audit survival --params {params.cfg:q} --fp-stats {input.fp_stats} "
+        "--correlation {params.correlation} --perplexity {input.perplexity} "
+        "--features-out {output.features} --summary-out {output.summary} > {log} 2>&1"

@@ -1,0 +1,97 @@
+# Shared helpers: paths, per-model sources and the JSON config slices each rule passes.
+import json
+
+from sae_audit import config as audit_config
+from sae_audit.config import FIXTURE
+
+R = config["results"]
+MODELS = audit_config.model_names(config)
+VARIANTS = audit_config.variant_names(config)
+ALL_VARIANTS = ["fp", *VARIANTS]
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    variant="[A-Za-z0-9.-]+",
+    shard=r"\d+",
+
+
+def model_cfg(model):
+    return config["models"][model]
+
+
+def n_shards(model):
+    return model_cfg(model)["tokens"]["n_shards"]
+
+
+def shards(model):
+    return [f"{i:03d}" for i in range(n_shards(model))]
+
+
+def dumps(*slices, **named):
+    """A config slice as compact JSON: what a rule passes in params (and so what re-runs it)."""
+    return json.dumps(named if named else slices[0], sort_keys=True, separators=(",", ":"))
+
+
+def fixture_model_dir():
+    return f"{R}/fixture/model"
+
+
+def base_model(wildcards):
+    """The FP model's source: the built fixture, or a hub id / local path from the config."""
+    source = model_cfg(wildcards.model)["model"]["source"]
+    return fixture_model_dir() if source == FIXTURE else source
+
+
+def base_model_input(wildcards):
+    source = model_cfg(wildcards.model)["model"]["source"]
+    return [fixture_model_dir()] if source == FIXTURE else []
+
+
+def sae_dir_input(wildcards):
+    spec = model_cfg(wildcards.model)["sae"]
+    if spec.get("source") == FIXTURE:
+        return [f"{R}/fixture/sae"]
+    return [spec["path"]] if "path" in spec else []
+
+
+def sae_path_arg(wildcards, input):
+    return f"--sae-path {input.sae[0]}" if input.sae else ""
+
+
+def tokenizer_source(wildcards):
+    return base_model(wildcards)
+
+
+def token_text_inputs(wildcards):
+    tokens = model_cfg(wildcards.model)["tokens"]
+    if tokens["source"] == FIXTURE:
+        return [f"{R}/fixture/corpus/heldout.txt"]
+    return tokens["paths"]
+
+
+def token_dir(wildcards):
+    return f"{R}/tokens/{wildcards.model}"
+
+
+def token_files(model):
+    return [f"{R}/tokens/{model}/shard-{s}.parquet" for s in shards(model)]
+
+
+def code_shards(model, variant):
+    return expand(f"{R}/codes/{model}/{variant}/shard-{{shard}}.parquet", shard=shards(model))
+
+
+def nll_shards(model, variant):
+    return expand(f"{R}/nll/{model}/{variant}/shard-{{shard}}.parquet", shard=shards(model))
+
+
+def all_targets():
+    targets = []
+    for model in MODELS:
+        targets += [
+            f"{R}/tables/{model}/survival.parquet",
+            f"{R}/tables/{model}/perplexity.parquet",
+        ]
+        targets += figure_targets(model)
+    return targets

@@ -1,0 +1,51 @@
+# One materialized checkpoint per variant; matched pruning first searches its sparsity.
+
+
+def matched_input(wildcards):
+    if wildcards.variant.startswith("prune-matched-"):
+        return [f"{R}/matched/{wildcards.model}/{wildcards.variant}.json"]
+    return []
+
+
+rule compress:
+    input:
+        model=base_model_input,
+        matched=matched_input,
+    output:
+        directory(f"{R}/checkpoints/{{model}}/{{variant}}"),
+    params:
+        base=base_model,
+        matched=lambda w, input: f"--matched {input.matched[0]}" if input.matched else "",
+        cfg=lambda w: dumps(model_cfg(w.model)["model"]),
+    log:
+        f"{R}/logs/compress/{{model}}/{{variant}}.log",
+    benchmark:
+        f"{R}/benchmarks/compress/{{model}}/{{variant}}.tsv"
+    shell:
+        "sae-audit compress --params {params.cfg:q} --base {params.base} --variant {wildcards.variant} "
+        "{params.matched} --out {output} > {log} 2>&1"
+
+
+rule match_sparsity:
+    input:
+        model=base_model_input,
+        tokens=token_dir,
+        target_nll=lambda w: nll_shards(w.model, w.target),
+    output:
+        f"{R}/matched/{{model}}/prune-matched-{{target}}.json",
+    params:
+        base=base_model,
+        tokens=lambda w: token_files(w.model),
+        cfg=lambda w: dumps(
+            model=model_cfg(w.model)["model"],
+            matched={k: v for k, v in config["compression"]["prune"]["matched"].items() if k != "targets"},
+            encode=config["encode"],
+        ),
+    threads: workflow.cores
+    log:
+        f"{R}/logs/match_sparsity/{{model}}/{{target}}.log",
+    benchmark:
+        f"{R}/benchmarks/match_sparsity/{{model}}/{{target}}.tsv"
+    shell:
+        "sae-audit match-sparsity --params {params.cfg:q} --base {params.base} --target {wildcards.target} "
+        "--target-nll {input.target_nll} --tokens {params.tokens} --out {output} > {log} 2>&1"

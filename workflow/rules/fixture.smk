@@ -1,0 +1,66 @@
+# The embedded offline fixture: corpus -> tokenizer -> GPT-NeoX -> SAE.
+
+
+rule fixture_corpus:
+    output:
+        train=f"{R}/fixture/corpus/train.txt",
+        heldout=f"{R}/fixture/corpus/heldout.txt",
+    params:
+        cfg=dumps(config["fixture"]["corpus"]),
+    log:
+        f"{R}/logs/fixture_corpus.log",
+    benchmark:
+        f"{R}/benchmarks/fixture_corpus.tsv"
+    shell:
+        "sae-audit fixture-corpus --params {params.cfg:q} --train {output.train} --heldout {output.heldout} > {log} 2>&1"
+
+
+rule fixture_tokenizer:
+    input:
+        train=rules.fixture_corpus.output.train,
+    output:
+        directory(f"{R}/fixture/tokenizer"),
+    params:
+        cfg=dumps(config["fixture"]["tokenizer"]),
+    log:
+        f"{R}/logs/fixture_tokenizer.log",
+    benchmark:
+        f"{R}/benchmarks/fixture_tokenizer.tsv"
+    shell:
+        "sae-audit fixture-tokenizer --params {params.cfg:q} --train {input.train} --out {output} > {log} 2>&1"
+
+
+rule fixture_model:
+    input:
+        tokenizer=rules.fixture_tokenizer.output,
+        train=rules.fixture_corpus.output.train,
+        heldout=rules.fixture_corpus.output.heldout,
+    output:
+        directory(f"{R}/fixture/model"),
+    params:
+        cfg=dumps(config["fixture"]["model"]),
+    threads: workflow.cores
+    log:
+        f"{R}/logs/fixture_model.log",
+    benchmark:
+        f"{R}/benchmarks/fixture_model.tsv"
+    shell:
+        "sae-audit fixture-model --params {params.cfg:q} --tokenizer {input.tokenizer} "
+        "--train {input.train} --heldout {input.heldout} --out {output} > {log} 2>&1"
+
+
+rule fixture_sae:
+    input:
+        model=rules.fixture_model.output,
+        train=rules.fixture_corpus.output.train,
+    output:
+        directory(f"{R}/fixture/sae"),
+    params:
+        cfg=dumps(config["fixture"]["sae"]),
+    threads: workflow.cores
+    log:
+        f"{R}/logs/fixture_sae.log",
+    benchmark:
+        f"{R}/benchmarks/fixture_sae.tsv"
+    shell:
+        "sae-audit fixture-sae --params {params.cfg:q} --model {input.model} --train {input.train} --out {output} > {log} 2>&1"

@@ -1,0 +1,21 @@
+# The evaluation token set, as fixed-length sequences in Parquet shards
+# (one directory per model: the shard count is a per-model config key).
+
+
+rule tokenize:
+    input:
+        text=token_text_inputs,
+        model=base_model_input,
+    output:
+        directory(f"{R}/tokens/{{model}}"),
+    params:
+        tokenizer=tokenizer_source,
+        out=lambda w, output: [f"{output[0]}/shard-{s}.parquet" for s in shards(w.model)],
+        cfg=lambda w: dumps(model_cfg(w.model)["tokens"]),
+    log:
+        f"{R}/logs/tokenize/{{model}}.log",
+    benchmark:
+        f"{R}/benchmarks/tokenize/{{model}}.tsv"
+    shell:
+        "sae-audit tokenize --params {params.cfg:q} --tokenizer {params.tokenizer} "
+        "--text {input.text} --out {params.out} > {log} 2>&1"
