@@ -6,6 +6,8 @@ rule fp_stats:
         lambda w: code_shards(w.model, "fp"),
     output:
         f"{R}/features/{{model}}/fp_stats.parquet",
+    conda:
+        "../../envs/analysis.yaml"
     log:
         f"{R}/logs/fp_stats/{{model}}.log",
     benchmark:
@@ -20,6 +22,8 @@ rule correlate:
         variant=lambda w: code_shards(w.model, w.variant),
     output:
         f"{R}/features/{{model}}/{{variant}}/correlation.parquet",
+    conda:
+        "../../envs/analysis.yaml"
     log:
         f"{R}/logs/correlate/{{model}}/{{variant}}.log",
     benchmark:
@@ -45,6 +49,8 @@ rule sliding_perplexity:
         ),
     resources:
         gpu=0 if config["encode"]["device"] == "cpu" else 1,
+    conda:
+        "../../envs/analysis.yaml"
     log:
         f"{R}/logs/sliding_perplexity/{{model}}/{{variant}}.log",
     benchmark:
@@ -63,6 +69,8 @@ rule perplexity:
     params:
         nll=lambda w: [f"{v}={p}" for v in ALL_VARIANTS for p in nll_shards(w.model, v)],
         sliding=lambda w: [f"{v}={R}/perplexity/{w.model}/{v}/sliding.json" for v in ALL_VARIANTS],
+    conda:
+        "../../envs/analysis.yaml"
     log:
         f"{R}/logs/perplexity/{{model}}.log",
     benchmark:
@@ -83,6 +91,8 @@ rule survival:
     params:
         correlation=lambda w: [f"{v}={R}/features/{w.model}/{v}/correlation.parquet" for v in VARIANTS],
         cfg=dumps(config["analysis"]),
+    conda:
+        "../../envs/analysis.yaml"
     log:
         f"{R}/logs/survival/{{model}}.log",
     benchmark:

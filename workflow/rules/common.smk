@@ -95,3 +95,16 @@ def all_targets():
         ]
         targets += figure_targets(model)
     return targets
+
+
+def matched_input(wildcards):
+    if wildcards.variant.startswith("prune-matched-"):
+        return [f"{R}/matched/{wildcards.model}/{wildcards.variant}.json"]
+    return []
+
+
+def figure_targets(model):
+    return [f"{R}/figures/{model}/{name}.png" for name in FIGURES]
+
+
+FIGURES = ["class_fractions_vs_bits", "perplexity_vs_bits"]

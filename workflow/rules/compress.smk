@@ -1,12 +1,6 @@
 # One materialized checkpoint per variant; matched pruning first searches its sparsity.
 
 
-def matched_input(wildcards):
-    if wildcards.variant.startswith("prune-matched-"):
-        return [f"{R}/matched/{wildcards.model}/{wildcards.variant}.json"]
-    return []
-
-
 rule compress:
     input:
         model=base_model_input,
@@ -17,6 +11,8 @@ rule compress:
         base=base_model,
         matched=lambda w, input: f"--matched {input.matched[0]}" if input.matched else "",
         cfg=lambda w: dumps(model_cfg(w.model)["model"]),
+    conda:
+        "../../envs/torch.yaml"
     log:
         f"{R}/logs/compress/{{model}}/{{variant}}.log",
     benchmark:
@@ -42,6 +38,8 @@ rule match_sparsity:
             encode=config["encode"],
         ),
     threads: workflow.cores
+    conda:
+        "../../envs/torch.yaml"
     log:
         f"{R}/logs/match_sparsity/{{model}}/{{target}}.log",
     benchmark:

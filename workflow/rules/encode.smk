@@ -18,6 +18,8 @@ rule encode:
         ),
     resources:
         gpu=0 if config["encode"]["device"] == "cpu" else 1,
+    conda:
+        "../../envs/torch.yaml"
     log:
         f"{R}/logs/encode/{{model}}/{{variant}}/shard-{{shard}}.log",
     benchmark:

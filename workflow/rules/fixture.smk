@@ -7,6 +7,8 @@ rule fixture_corpus:
         heldout=f"{R}/fixture/corpus/heldout.txt",
     params:
         cfg=dumps(config["fixture"]["corpus"]),
+    conda:
+        "../../envs/torch.yaml"
     log:
         f"{R}/logs/fixture_corpus.log",
     benchmark:
@@ -22,6 +24,8 @@ rule fixture_tokenizer:
         directory(f"{R}/fixture/tokenizer"),
     params:
         cfg=dumps(config["fixture"]["tokenizer"]),
+    conda:
+        "../../envs/torch.yaml"
     log:
         f"{R}/logs/fixture_tokenizer.log",
     benchmark:
@@ -40,6 +44,8 @@ rule fixture_model:
     params:
         cfg=dumps(config["fixture"]["model"]),
     threads: workflow.cores
+    conda:
+        "../../envs/torch.yaml"
     log:
         f"{R}/logs/fixture_model.log",
     benchmark:
@@ -58,6 +64,8 @@ rule fixture_sae:
     params:
         cfg=dumps(config["fixture"]["sae"]),
     threads: workflow.cores
+    conda:
+        "../../envs/torch.yaml"
     log:
         f"{R}/logs/fixture_sae.log",
     benchmark:

@@ -1,18 +1,13 @@
 # Figures: one rule each.
 
 
-def figure_targets(model):
-    return [f"{R}/figures/{model}/{name}.png" for name in FIGURES]
-
-
-FIGURES = ["class_fractions_vs_bits", "perplexity_vs_bits"]
-
-
 rule plot_class_fractions_vs_bits:
     input:
         f"{R}/tables/{{model}}/survival.parquet",
     output:
         f"{R}/figures/{{model}}/class_fractions_vs_bits.png",
+    conda:
+        "../../envs/analysis.yaml"
     log:
         f"{R}/logs/plots/{{model}}/class_fractions_vs_bits.log",
     shell:
@@ -24,6 +19,8 @@ rule plot_perplexity_vs_bits:
         f"{R}/tables/{{model}}/perplexity.parquet",
     output:
         f"{R}/figures/{{model}}/perplexity_vs_bits.png",
+    conda:
+        "../../envs/analysis.yaml"
     log:
         f"{R}/logs/plots/{{model}}/perplexity_vs_bits.log",
     shell:

@@ -12,6 +12,8 @@ rule tokenize:
         tokenizer=tokenizer_source,
         out=lambda w, output: [f"{output[0]}/shard-{s}.parquet" for s in shards(w.model)],
         cfg=lambda w: dumps(model_cfg(w.model)["tokens"]),
+    conda:
+        "../../envs/torch.yaml"
     log:
         f"{R}/logs/tokenize/{{model}}.log",
     benchmark:
