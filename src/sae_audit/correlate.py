@@ -1,0 +1,277 @@
+"""Per-feature Pearson correlation between FP and compressed SAE codes.
+
+Pearson needs only six sums per feature (n, sum x, sum x^2, sum y, sum y^2,
+sum xy), all in float64. Sums of x and of y come from each sparse side alone
+(zeros add nothing); sum xy needs only the (token, feature) pairs nonzero on
+both sides. The two shards are sorted by (token, feature), so they are merged
+as a stream over aligned token ranges: memory is bounded by about two read
+batches per side plus the d_sae-long accumulators, never by the token count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from sae_audit.shards import ShardMetadata, iter_code_batches, read_metadata
+from sae_audit.stats import shard_metadata
+
+# Relative size under which a variance counts as zero: float64 sums of float32
+# values leave rounding residue ~1e-16 * sum x^2 when all values are equal.
+_ZERO_VARIANCE_RTOL = 1e-12
+_NO_TOKEN = -1  # tokens are >= 0
+_ALL_TOKENS = np.iinfo(np.int64).max
+
+FLAGS = ("fp_silent", "variant_silent", "fp_constant", "variant_constant", "both_constant")
+
+
+@dataclass
+class SufficientSums:
+    """Running float64 sums for the Pearson correlation of every feature.
+
+    x is the FP activation, y the variant's; ``n`` counts tokens (shared by all
+    features). Fire counts count activations > 0.
+    """
+
+    d_sae: int
+    n: int = 0
+    sum_x: np.ndarray = field(init=False)
+    sum_x2: np.ndarray = field(init=False)
+    sum_y: np.ndarray = field(init=False)
+    sum_y2: np.ndarray = field(init=False)
+    sum_xy: np.ndarray = field(init=False)
+    fire_x: np.ndarray = field(init=False)
+    fire_y: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.d_sae < 1:
+            raise ValueError(f"d_sae must be positive, got {self.d_sae}")
+        if self.n < 0:
+            raise ValueError(f"n must be non-negative, got {self.n}")
+        for name in ("sum_x", "sum_x2", "sum_y", "sum_y2", "sum_xy"):
+            setattr(self, name, np.zeros(self.d_sae, dtype=np.float64))
+        self.fire_x = np.zeros(self.d_sae, dtype=np.int64)
+        self.fire_y = np.zeros(self.d_sae, dtype=np.int64)
+
+    def add_x(self, feature: np.ndarray, value: np.ndarray) -> None:
+        """Add sparse FP activations (one row per nonzero)."""
+        v = value.astype(np.float64)
+        self.sum_x += np.bincount(feature, weights=v, minlength=self.d_sae)
+        self.sum_x2 += np.bincount(feature, weights=v * v, minlength=self.d_sae)
+        self.fire_x += np.bincount(feature[v > 0], minlength=self.d_sae)
+
+    def add_y(self, feature: np.ndarray, value: np.ndarray) -> None:
+        """Add sparse variant activations (one row per nonzero)."""
+        v = value.astype(np.float64)
+        self.sum_y += np.bincount(feature, weights=v, minlength=self.d_sae)
+        self.sum_y2 += np.bincount(feature, weights=v * v, minlength=self.d_sae)
+        self.fire_y += np.bincount(feature[v > 0], minlength=self.d_sae)
+
+    def add_xy(self, feature: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        """Add products of (token, feature) pairs nonzero on both sides."""
+        prod = x.astype(np.float64) * y.astype(np.float64)
+        self.sum_xy += np.bincount(feature, weights=prod, minlength=self.d_sae)
+
+
+class _SortedStream:
+    """Buffered reader of one code shard that hands out complete token ranges."""
+
+    def __init__(self, path: Path, meta: ShardMetadata, batch_rows: int):
+        self.path = path
+        self.meta = meta
+        self._batches = iter_code_batches(path, batch_rows)
+        self.token = np.empty(0, dtype=np.int64)
+        self.feature = np.empty(0, dtype=np.int32)
+        self.value = np.empty(0, dtype=np.float32)
+        self.done = False
+        self._last_token = _NO_TOKEN
+
+    @property
+    def horizon(self) -> int:
+        """Every row with token < horizon has been read."""
+        if self.done:
+            return _ALL_TOKENS
+        # The last buffered token may continue in the next batch.
+        return int(self.token[-1]) if self.token.size else _NO_TOKEN
+
+    def pull(self) -> None:
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self.done = True
+            return
+        token = batch.column("token").to_numpy()
+        if token.size == 0:
+            return
+        if token[0] < self._last_token:
+            raise ValueError(f"{self.path}: rows are not sorted by token")
+        self._last_token = int(token[-1])
+        self.token = np.concatenate([self.token, token])
+        self.feature = np.concatenate([self.feature, batch.column("feature").to_numpy()])
+        self.value = np.concatenate([self.value, batch.column("value").to_numpy()])
+
+    def take_below(self, cut: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        k = int(np.searchsorted(self.token, cut, side="left"))
+        out = self.token[:k], self.feature[:k], self.value[:k]
+        self.token, self.feature, self.value = self.token[k:], self.feature[k:], self.value[k:]
+        return out
+
+
+def _aligned_chunks(
+    a: _SortedStream, b: _SortedStream
+) -> Iterator[tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]]:
+    """Yield (rows of a, rows of b) over the same token range, range after range."""
+    while not (a.done and b.done):
+        # Read from the side that lags, so neither buffer runs far ahead.
+        (a if a.horizon <= b.horizon else b).pull()
+        # Rows below both horizons are complete on both sides; once both
+        # streams are exhausted the cut is _ALL_TOKENS and the buffers empty.
+        cut = min(a.horizon, b.horizon)
+        if cut > 0:
+            chunk_a, chunk_b = a.take_below(cut), b.take_below(cut)
+            if chunk_a[0].size or chunk_b[0].size:
+                yield chunk_a, chunk_b
+
+
+def _keys(path: Path, meta: ShardMetadata, token: np.ndarray, feature: np.ndarray) -> np.ndarray:
+    """(token, feature) as one sortable int64 key; checks ranges and sort order."""
+    if token.size == 0:
+        return token.astype(np.int64)
+    if token[0] < meta.token_start or token[-1] >= meta.token_stop:
+        raise ValueError(
+            f"{path}: tokens outside the declared range [{meta.token_start}, {meta.token_stop})"
+        )
+    if feature.min() < 0 or feature.max() >= meta.d_sae:
+        raise ValueError(f"{path}: feature index outside [0, d_sae={meta.d_sae})")
+    keys = token.astype(np.int64) * meta.d_sae + feature.astype(np.int64)
+    if keys.size > 1 and not np.all(np.diff(keys) > 0):
+        raise ValueError(f"{path}: rows not strictly sorted by (token, feature)")
+    return keys
+
+
+def _check_pair(fp_meta: ShardMetadata, var_meta: ShardMetadata, fp: Path, var: Path) -> None:
+    if fp_meta.d_sae != var_meta.d_sae:
+        raise ValueError(f"d_sae differs: {fp} has {fp_meta.d_sae}, {var} has {var_meta.d_sae}")
+    if (fp_meta.token_start, fp_meta.token_stop) != (var_meta.token_start, var_meta.token_stop):
+        raise ValueError(
+            f"token ranges differ: {fp} [{fp_meta.token_start}, {fp_meta.token_stop}) vs "
+            f"{var} [{var_meta.token_start}, {var_meta.token_stop})"
+        )
+    for attr in ("model", "sae", "hook"):
+        if getattr(fp_meta, attr) != getattr(var_meta, attr):
+            raise ValueError(
+                f"{attr} differs: {fp} has {getattr(fp_meta, attr)!r}, "
+                f"{var} has {getattr(var_meta, attr)!r}"
+            )
+
+
+def accumulate_pair(
+    fp_shard: Path, variant_shard: Path, sums: SufficientSums, batch_rows: int = 1 << 20
+) -> None:
+    """Add one (FP, variant) shard pair covering the same tokens to ``sums`` in place."""
+    fp_shard, variant_shard = Path(fp_shard), Path(variant_shard)
+    fp_meta, var_meta = read_metadata(fp_shard), read_metadata(variant_shard)
+    _check_pair(fp_meta, var_meta, fp_shard, variant_shard)
+    if fp_meta.d_sae != sums.d_sae:
+        raise ValueError(f"{fp_shard}: d_sae {fp_meta.d_sae} != accumulator d_sae {sums.d_sae}")
+    a = _SortedStream(fp_shard, fp_meta, batch_rows)
+    b = _SortedStream(variant_shard, var_meta, batch_rows)
+    for (tok_a, feat_a, val_a), (tok_b, feat_b, val_b) in _aligned_chunks(a, b):
+        key_a = _keys(fp_shard, fp_meta, tok_a, feat_a)
+        key_b = _keys(variant_shard, var_meta, tok_b, feat_b)
+        sums.add_x(feat_a, val_a)
+        sums.add_y(feat_b, val_b)
+        if key_a.size and key_b.size:
+            # Both key arrays are sorted and unique: a binary search is the join.
+            idx = np.searchsorted(key_b, key_a)
+            hit = idx < key_b.size
+            hit[hit] = key_b[idx[hit]] == key_a[hit]
+            sums.add_xy(feat_a[hit], val_a[hit], val_b[idx[hit]])
+    sums.n += fp_meta.n_tokens
+
+
+def pearson_from_sums(sums: SufficientSums) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson r over all tokens (zeros included) and a flag per feature.
+
+    Never NaN. Edge cases, in order of precedence:
+      fp_silent         never nonzero in FP (inactive; excluded later)   r = 0
+      variant_silent    never nonzero in the variant                     r = 0
+      both_constant     same nonzero value on every token on both sides  r = 1
+      fp_constant       FP constant on every token, variant varies       r = 0
+      variant_constant  variant constant on every token, FP varies       r = 0
+    Flags are object-dtype strings, None when r is an ordinary correlation.
+    """
+    if sums.n < 2:
+        raise ValueError(f"need at least 2 tokens for a correlation, got n={sums.n}")
+    n = float(sums.n)
+    # Centered second moments (times n); float64 throughout.
+    var_x = sums.sum_x2 - sums.sum_x * sums.sum_x / n
+    var_y = sums.sum_y2 - sums.sum_y * sums.sum_y / n
+    cov = sums.sum_xy - sums.sum_x * sums.sum_y / n
+    fp_silent = sums.sum_x2 == 0
+    var_silent = sums.sum_y2 == 0
+    const_x = ~fp_silent & (var_x <= _ZERO_VARIANCE_RTOL * sums.sum_x2)
+    const_y = ~var_silent & (var_y <= _ZERO_VARIANCE_RTOL * sums.sum_y2)
+
+    ok = ~(fp_silent | var_silent | const_x | const_y)
+    r = np.zeros(sums.d_sae, dtype=np.float64)
+    r[ok] = cov[ok] / np.sqrt(var_x[ok] * var_y[ok])
+    np.clip(r, -1.0, 1.0, out=r)
+
+    flags = np.full(sums.d_sae, None, dtype=object)
+    # Assign lowest precedence first so higher-precedence flags overwrite.
+    flags[const_y] = "variant_constant"
+    flags[const_x] = "fp_constant"
+    both = const_x & const_y
+    flags[both] = "both_constant"
+    r[both] = 1.0
+    flags[var_silent] = "variant_silent"
+    flags[fp_silent] = "fp_silent"
+    r[var_silent | fp_silent] = 0.0
+    return r, flags
+
+
+def correlate_variant(
+    fp_paths: list[Path], variant_paths: list[Path], batch_rows: int = 1 << 20
+) -> pl.DataFrame:
+    """Correlate every feature between FP and variant shard sets.
+
+    Shards are paired by token range; both sets must cover identical ranges
+    with the same d_sae. Columns: feature, r, flag, fp_fire_count,
+    variant_fire_count, n_tokens.
+    """
+    fp_paths = [Path(p) for p in fp_paths]
+    variant_paths = [Path(p) for p in variant_paths]
+    fp_metas = shard_metadata(fp_paths)
+    var_metas = shard_metadata(variant_paths)
+    fp_by_range = {
+        (m.token_start, m.token_stop): p for m, p in zip(fp_metas, fp_paths, strict=True)
+    }
+    var_by_range = {
+        (m.token_start, m.token_stop): p for m, p in zip(var_metas, variant_paths, strict=True)
+    }
+    if set(fp_by_range) != set(var_by_range):
+        only_fp = sorted(set(fp_by_range) - set(var_by_range))
+        only_var = sorted(set(var_by_range) - set(fp_by_range))
+        raise ValueError(
+            f"FP and variant shards cover different token ranges: only in FP {only_fp}, "
+            f"only in variant {only_var}"
+        )
+    sums = SufficientSums(d_sae=fp_metas[0].d_sae)
+    for rng in sorted(fp_by_range):
+        accumulate_pair(fp_by_range[rng], var_by_range[rng], sums, batch_rows)
+    r, flags = pearson_from_sums(sums)
+    return pl.DataFrame(
+        {
+            "feature": np.arange(sums.d_sae, dtype=np.int32),
+            "r": r,
+            "flag": pl.Series("flag", list(flags), dtype=pl.String),
+            "fp_fire_count": sums.fire_x,
+            "variant_fire_count": sums.fire_y,
+            "n_tokens": np.full(sums.d_sae, sums.n, dtype=np.int64),
+        }
+    )

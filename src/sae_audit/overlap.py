@@ -1,0 +1,77 @@
+"""Do two compression variants damage the same features?"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import polars as pl
+from scipy import stats
+
+
+def jaccard(a: set[int], b: set[int]) -> float:
+    """|a & b| / |a | b|; two empty sets are identical, so their Jaccard is 1.0."""
+    union = a | b
+    return 1.0 if not union else len(a & b) / len(union)
+
+
+def _correlation(fn: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """scipy correlation and p-value; NaN (not an exception) when undefined."""
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fn(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
+def overlap(table_a: pl.DataFrame, table_b: pl.DataFrame) -> dict[str, Any]:
+    """Overlap of two variants' damage over features active in both tables.
+
+    Both tables come from the same FP statistics, so their active sets should
+    agree; the intersection is used regardless and both sizes are reported.
+    Jaccard of the non-surviving (blurred or destroyed), blurred and destroyed
+    sets; Jaccard of two empty sets is 1.0 (identical sets). Spearman and
+    Pearson of the damage scores (NaN when a side is constant).
+    """
+    cols = ["feature", "active", "class", "damage"]
+    for name, t in (("table_a", table_a), ("table_b", table_b)):
+        missing = [c for c in cols if c not in t.columns]
+        if missing:
+            raise ValueError(f"{name} lacks columns {missing}")
+    joined = (
+        table_a.select(cols)
+        .join(table_b.select(cols), on="feature", how="inner", suffix="_b", validate="1:1")
+        .filter(pl.col("active") & pl.col("active_b"))
+        .sort("feature")
+    )
+
+    def members(col: str, classes: tuple[str, ...]) -> set[int]:
+        return set(joined.filter(pl.col(col).is_in(classes)).get_column("feature").to_list())
+
+    spearman, spearman_p = _correlation(
+        stats.spearmanr, joined["damage"].to_numpy(), joined["damage_b"].to_numpy()
+    )
+    pearson, pearson_p = _correlation(
+        stats.pearsonr, joined["damage"].to_numpy(), joined["damage_b"].to_numpy()
+    )
+    out: dict[str, Any] = {
+        "n": joined.height,
+        "n_active_a": int(table_a["active"].sum()),
+        "n_active_b": int(table_b["active"].sum()),
+        "spearman": spearman,
+        "spearman_p": spearman_p,
+        "pearson": pearson,
+        "pearson_p": pearson_p,
+    }
+    for label, classes in (
+        ("nonsurviving", ("blurred", "destroyed")),
+        ("blurred", ("blurred",)),
+        ("destroyed", ("destroyed",)),
+    ):
+        a, b = members("class", classes), members("class_b", classes)
+        out[f"n_{label}_a"] = len(a)
+        out[f"n_{label}_b"] = len(b)
+        out[f"jaccard_{label}"] = jaccard(a, b)
+    return out

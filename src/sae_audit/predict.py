@@ -1,0 +1,221 @@
+"""Predicting feature survival from FP statistics alone.
+
+Predictors are named functions of a feature table, kept in a registry so a
+config can name them and new ones can be added without touching the model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+from scipy.stats import rankdata
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+Predictor = Callable[[pl.DataFrame], np.ndarray]
+PREDICTORS: dict[str, Predictor] = {}
+
+
+def register_predictor(name: str) -> Callable[[Predictor], Predictor]:
+    """Decorator: add a predictor (feature table -> float64 array) under ``name``."""
+
+    def add(fn: Predictor) -> Predictor:
+        if name in PREDICTORS:
+            raise ValueError(f"predictor {name!r} is already registered")
+        PREDICTORS[name] = fn
+        return fn
+
+    return add
+
+
+def _col(table: pl.DataFrame, name: str) -> np.ndarray:
+    return table.get_column(name).cast(pl.Float64).to_numpy()
+
+
+@register_predictor("rarity")
+def rarity(table: pl.DataFrame) -> np.ndarray:
+    """-log(FP firing rate)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.log(_col(table, "firing_rate"))
+
+
+@register_predictor("log_mean")
+def log_mean(table: pl.DataFrame) -> np.ndarray:
+    """log(mean FP activation when firing)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(_col(table, "mean_when_firing"))
+
+
+@register_predictor("log_peak")
+def log_peak(table: pl.DataFrame) -> np.ndarray:
+    """log(peak FP activation)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(_col(table, "peak"))
+
+
+@register_predictor("log_concentration")
+def log_concentration(table: pl.DataFrame) -> np.ndarray:
+    """log(peak / mean when firing): how spiky the feature is."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(_col(table, "peak") / _col(table, "mean_when_firing"))
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Which predictors enter the logistic regression, and the CV setup."""
+
+    predictors: tuple[str, ...] = ("rarity", "log_mean", "log_peak", "log_concentration")
+    folds: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "predictors", tuple(self.predictors))
+        if not self.predictors:
+            raise ValueError("predictors must name at least one predictor")
+        unknown = [p for p in self.predictors if p not in PREDICTORS]
+        if unknown:
+            raise ValueError(f"predictors: unknown {unknown}; registered: {sorted(PREDICTORS)}")
+        if len(set(self.predictors)) != len(self.predictors):
+            raise ValueError(f"predictors contains duplicates: {self.predictors}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
+
+
+def _active(table: pl.DataFrame) -> pl.DataFrame:
+    missing = [c for c in ("feature", "active", "class") if c not in table.columns]
+    if missing:
+        raise ValueError(f"feature table lacks columns {missing}")
+    return table.filter(pl.col("active"))
+
+
+def predictor_matrix(table: pl.DataFrame, names: tuple[str, ...]) -> np.ndarray:
+    """[n_features, n_predictors] float64 matrix of the named predictors."""
+    return np.column_stack([np.asarray(PREDICTORS[n](table), dtype=np.float64) for n in names])
+
+
+def _model(seed: int) -> Pipeline:
+    # Standardizing inside the pipeline fits the scaler on each training fold only.
+    return Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("logreg", LogisticRegression(max_iter=1000, random_state=seed)),
+        ]
+    )
+
+
+def predict_survival(
+    feature_table: pl.DataFrame, cfg: PredictConfig = PredictConfig()
+) -> dict[str, Any]:
+    """Cross-validated logistic regression of survived (vs not) over active features.
+
+    Returns a dict: n, n_survived, n_dropped_nonfinite, predictors, auc_mean,
+    auc_sd (sample sd over folds), fold_aucs, coefficients (per standard
+    deviation, fit on all rows), intercept, marginal_auc (raw predictor's AUC,
+    may be < 0.5), marginal_auc_best (max(auc, 1 - auc)), oof_proba and
+    oof_label and feature (arrays for ROC curves), reason (None, or why AUCs are
+    NaN). Degenerate data gives NaN AUCs and a reason, never an exception.
+    """
+    active = _active(feature_table)
+    x_all = (
+        predictor_matrix(active, cfg.predictors)
+        if active.height
+        else np.empty((0, len(cfg.predictors)))
+    )
+    finite = np.all(np.isfinite(x_all), axis=1)
+    x = x_all[finite]
+    y = (active.get_column("class") == "survived").to_numpy()[finite].astype(np.int64)
+    feature = active.get_column("feature").to_numpy()[finite]
+    n, n_pos = int(y.size), int(y.sum())
+    nan_by_name = {p: float("nan") for p in cfg.predictors}
+    out: dict[str, Any] = {
+        "n": n,
+        "n_survived": n_pos,
+        "n_dropped_nonfinite": int((~finite).sum()),
+        "predictors": list(cfg.predictors),
+        "auc_mean": float("nan"),
+        "auc_sd": float("nan"),
+        "fold_aucs": [],
+        "coefficients": dict(nan_by_name),
+        "intercept": float("nan"),
+        "marginal_auc": dict(nan_by_name),
+        "marginal_auc_best": dict(nan_by_name),
+        "oof_proba": np.full(n, np.nan),
+        "oof_label": y,
+        "feature": feature,
+        "reason": None,
+    }
+    minority = min(n_pos, n - n_pos)
+    if n == 0:
+        out["reason"] = "no active features with finite predictors"
+        return out
+    if minority == 0:
+        out["reason"] = f"only one class present ({'survived' if n_pos else 'not survived'})"
+        return out
+
+    for j, name in enumerate(cfg.predictors):
+        auc = float(roc_auc_score(y, x[:, j]))
+        out["marginal_auc"][name] = auc
+        out["marginal_auc_best"][name] = max(auc, 1.0 - auc)
+    full = _model(cfg.seed).fit(x, y)
+    logreg = full.named_steps["logreg"]
+    out["coefficients"] = {
+        name: float(c) for name, c in zip(cfg.predictors, logreg.coef_[0], strict=True)
+    }
+    out["intercept"] = float(logreg.intercept_[0])
+
+    if minority < cfg.folds:
+        out["reason"] = f"minority class has {minority} members, fewer than folds={cfg.folds}"
+        return out
+    cv = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
+    fold_aucs = []
+    for train, test in cv.split(x, y):
+        model = _model(cfg.seed).fit(x[train], y[train])
+        proba = model.predict_proba(x[test])[:, 1]
+        out["oof_proba"][test] = proba
+        fold_aucs.append(float(roc_auc_score(y[test], proba)))
+    out["fold_aucs"] = fold_aucs
+    out["auc_mean"] = float(np.mean(fold_aucs))
+    out["auc_sd"] = float(np.std(fold_aucs, ddof=1))
+    return out
+
+
+def survival_by_quantile(feature_table: pl.DataFrame, predictor: str, q: int) -> pl.DataFrame:
+    """Survival fraction of active features per quantile bin of one predictor.
+
+    Equal-count bins by rank (q=4 quartiles, q=10 deciles); tied values share a
+    bin, so with ties some bins hold more features and an empty bin is omitted.
+    Columns: predictor, bin (1..q, low to high), n, predictor_min,
+    predictor_max, survived_frac.
+    """
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor: unknown {predictor!r}; registered: {sorted(PREDICTORS)}")
+    if q < 1:
+        raise ValueError(f"q must be positive, got {q}")
+    active = _active(feature_table)
+    values = np.asarray(PREDICTORS[predictor](active), dtype=np.float64)
+    keep = np.isfinite(values)
+    values = values[keep]
+    survived = (active.get_column("class") == "survived").to_numpy()[keep]
+    if values.size == 0:
+        raise ValueError(f"no active features with a finite {predictor!r}")
+    ranks = rankdata(values, method="average")
+    bins = np.minimum(q - 1, np.floor((ranks - 0.5) * q / values.size)).astype(np.int64) + 1
+    return (
+        pl.DataFrame({"bin": bins, "value": values, "survived": survived})
+        .group_by("bin")
+        .agg(
+            pl.len().alias("n"),
+            pl.col("value").min().alias("predictor_min"),
+            pl.col("value").max().alias("predictor_max"),
+            pl.col("survived").mean().alias("survived_frac"),
+        )
+        .sort("bin")
+        .select(pl.lit(predictor).alias("predictor"), pl.all())
+    )
