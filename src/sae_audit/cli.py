@@ -236,11 +236,7 @@ def _sliding(a: argparse.Namespace) -> Any:
 def _perplexity(a: argparse.Namespace) -> Any:
     from .stages import perplexity_table
 
-    nll: dict[str, list[str]] = {}
-    for v in a.nll:
-        name, _, path = v.partition("=")
-        nll.setdefault(name, []).append(path)
-    return perplexity_table(nll, _pairs(a.sliding), a.out)
+    return perplexity_table(_grouped(a.nll), _pairs(a.sliding), a.out)
 
 
 @command(
@@ -260,6 +256,90 @@ def _survival(a: argparse.Namespace) -> Any:
     return survival(
         a.fp_stats, _pairs(a.correlation), a.perplexity, a.params, a.features_out, a.summary_out
     )
+
+
+def _grouped(values: Sequence[str]) -> dict[str, list[str]]:
+    """NAME=PATH arguments, several per name, grouped in order."""
+    out: dict[str, list[str]] = {}
+    for name, path in (v.partition("=")[::2] for v in values):
+        out.setdefault(name, []).append(path)
+    return out
+
+
+@command(
+    "predict",
+    lambda p: (
+        _params(p),
+        p.add_argument("--features", required=True),
+        p.add_argument("--out-dir", required=True),
+    ),
+)
+def _predict(a: argparse.Namespace) -> Any:
+    from .stages import predict
+
+    return predict(a.features, a.params, a.out_dir).to_dicts()
+
+
+@command(
+    "overlap",
+    lambda p: (
+        _params(p),
+        p.add_argument("--features", required=True),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _overlap(a: argparse.Namespace) -> Any:
+    from .stages import overlap_table
+
+    return overlap_table(a.features, a.params["pairs"], a.out).to_dicts()
+
+
+@command(
+    "stability",
+    lambda p: (
+        _params(p),
+        p.add_argument("--fp", nargs="+", required=True),
+        p.add_argument("--codes", nargs="+", required=True, help="VARIANT=PATH per code shard"),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _stability(a: argparse.Namespace) -> Any:
+    from .stages import stability
+
+    return stability(a.fp, _grouped(a.codes), a.params, a.out).to_dicts()
+
+
+@command(
+    "threshold-grid",
+    lambda p: (
+        _params(p),
+        p.add_argument("--features", required=True),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _threshold_grid(a: argparse.Namespace) -> Any:
+    from .stages import threshold_grid
+
+    return threshold_grid(a.features, a.params, a.out).height
+
+
+@command(
+    "contexts",
+    lambda p: (
+        _params(p),
+        p.add_argument("--features", required=True),
+        p.add_argument("--fp", nargs="+", required=True),
+        p.add_argument("--codes", nargs="+", required=True, help="VARIANT=PATH per code shard"),
+        p.add_argument("--tokens", nargs="+", required=True),
+        p.add_argument("--tokenizer", required=True),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _contexts(a: argparse.Namespace) -> Any:
+    from .stages import contexts
+
+    table = contexts(a.features, a.fp, _grouped(a.codes), a.tokens, a.tokenizer, a.params, a.out)
+    return table.height
 
 
 @command(

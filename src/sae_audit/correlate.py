@@ -10,7 +10,7 @@ batches per side plus the d_sae-long accumulators, never by the token count.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,29 +169,59 @@ def _check_pair(fp_meta: ShardMetadata, var_meta: ShardMetadata, fp: Path, var: 
             )
 
 
+TokenFilter = Callable[[np.ndarray], np.ndarray]  # global token positions -> keep mask
+
+
 def accumulate_pair(
     fp_shard: Path, variant_shard: Path, sums: SufficientSums, batch_rows: int = 1 << 20
 ) -> None:
     """Add one (FP, variant) shard pair covering the same tokens to ``sums`` in place."""
+    accumulate_selections(fp_shard, variant_shard, [(sums, None)], batch_rows)
+
+
+def accumulate_selections(
+    fp_shard: Path,
+    variant_shard: Path,
+    selections: list[tuple[SufficientSums, TokenFilter | None]],
+    batch_rows: int = 1 << 20,
+) -> None:
+    """Accumulate several token selections (budgets, subsets) in one pass over a shard pair.
+
+    Each selection is (sums, keep) where ``keep`` maps token positions to a boolean
+    mask (None keeps every token). The merge and join run once; only the
+    accumulation is repeated per selection.
+    """
     fp_shard, variant_shard = Path(fp_shard), Path(variant_shard)
     fp_meta, var_meta = read_metadata(fp_shard), read_metadata(variant_shard)
     _check_pair(fp_meta, var_meta, fp_shard, variant_shard)
-    if fp_meta.d_sae != sums.d_sae:
-        raise ValueError(f"{fp_shard}: d_sae {fp_meta.d_sae} != accumulator d_sae {sums.d_sae}")
+    for sums, _ in selections:
+        if fp_meta.d_sae != sums.d_sae:
+            raise ValueError(f"{fp_shard}: d_sae {fp_meta.d_sae} != accumulator d_sae {sums.d_sae}")
     a = _SortedStream(fp_shard, fp_meta, batch_rows)
     b = _SortedStream(variant_shard, var_meta, batch_rows)
     for (tok_a, feat_a, val_a), (tok_b, feat_b, val_b) in _aligned_chunks(a, b):
         key_a = _keys(fp_shard, fp_meta, tok_a, feat_a)
         key_b = _keys(variant_shard, var_meta, tok_b, feat_b)
-        sums.add_x(feat_a, val_a)
-        sums.add_y(feat_b, val_b)
+        hit = np.zeros(key_a.size, dtype=bool)
+        idx = np.zeros(key_a.size, dtype=np.int64)
         if key_a.size and key_b.size:
             # Both key arrays are sorted and unique: a binary search is the join.
             idx = np.searchsorted(key_b, key_a)
             hit = idx < key_b.size
             hit[hit] = key_b[idx[hit]] == key_a[hit]
-            sums.add_xy(feat_a[hit], val_a[hit], val_b[idx[hit]])
-    sums.n += fp_meta.n_tokens
+        for sums, keep in selections:
+            if keep is None:
+                sel_a, sel_b = slice(None), slice(None)
+                both = hit
+            else:
+                sel_a, sel_b = keep(tok_a), keep(tok_b)
+                both = hit & sel_a
+            sums.add_x(feat_a[sel_a], val_a[sel_a])
+            sums.add_y(feat_b[sel_b], val_b[sel_b])
+            sums.add_xy(feat_a[both], val_a[both], val_b[idx[both]])
+    tokens = np.arange(fp_meta.token_start, fp_meta.token_stop, dtype=np.int64)
+    for sums, keep in selections:
+        sums.n += fp_meta.n_tokens if keep is None else int(keep(tokens).sum())
 
 
 def pearson_from_sums(sums: SufficientSums) -> tuple[np.ndarray, np.ndarray]:

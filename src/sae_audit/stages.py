@@ -23,6 +23,7 @@ from .models import DTYPES, load_model, load_tokenizer, resolve_device, target_w
 from .prune import magnitude_mask
 from .saes import check_compatible, load_sae
 from .tokens import TokenSetConfig, build_token_set, load_token_ids, read_documents
+from .variants import parse_variant
 
 log = logging.getLogger("sae_audit")
 
@@ -317,3 +318,139 @@ def write_parquet(frame: pl.DataFrame, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     frame.write_parquet(tmp)
     tmp.replace(path)
+
+
+def _by_variant(features_path: str) -> dict[str, pl.DataFrame]:
+    features = pl.read_parquet(features_path)
+    return {str(k[0]): t for k, t in features.group_by("variant", maintain_order=True)}
+
+
+def predict(features_path: str, params: dict[str, Any], out_dir: str) -> pl.DataFrame:
+    """Survival predictor for every compressed variant, plus survival by predictor quantile."""
+    from .predict import PredictConfig, predict_survival, survival_by_quantile
+
+    cfg = PredictConfig(
+        predictors=tuple(params["predictors"]), folds=params["folds"], seed=params["seed"]
+    )
+    rows, coefficients, oof, quantiles = [], [], [], []
+    for variant, table in _by_variant(features_path).items():
+        if parse_variant(variant).kind == "null":
+            continue  # every feature survives by construction: nothing to predict
+        res = predict_survival(table, cfg)
+        rows.append(
+            {
+                "variant": variant,
+                "n": res["n"],
+                "n_survived": res["n_survived"],
+                "auc_mean": res["auc_mean"],
+                "auc_sd": res["auc_sd"],
+                "intercept": res["intercept"],
+                "reason": res["reason"],
+            }
+        )
+        for name in cfg.predictors:
+            coefficients.append(
+                {
+                    "variant": variant,
+                    "predictor": name,
+                    "coefficient": res["coefficients"].get(name, float("nan")),
+                    "marginal_auc": res["marginal_auc"].get(name, float("nan")),
+                    "marginal_auc_best": res["marginal_auc_best"].get(name, float("nan")),
+                }
+            )
+            for q in (4, 10):
+                quantiles.append(
+                    survival_by_quantile(table, name, q).with_columns(
+                        pl.lit(variant).alias("variant"), pl.lit(q).alias("q")
+                    )
+                )
+        oof.append(
+            pl.DataFrame(
+                {
+                    "variant": variant,
+                    "feature": np.asarray(res["feature"], dtype=np.int32),
+                    "proba": np.asarray(res["oof_proba"], dtype=np.float64),
+                    "label": np.asarray(res["oof_label"], dtype=bool),
+                }
+            )
+        )
+    out = Path(out_dir)
+    summary = pl.DataFrame(rows, schema_overrides={"reason": pl.String})
+    write_parquet(summary, out / "predict.parquet")
+    write_parquet(pl.DataFrame(coefficients), out / "predict_coefficients.parquet")
+    write_parquet(pl.concat(oof, how="vertical_relaxed"), out / "predict_oof.parquet")
+    by_q = pl.concat(quantiles, how="vertical_relaxed")
+    write_parquet(
+        by_q.select("variant", "predictor", "q", pl.exclude("variant", "predictor", "q")),
+        out / "survival_by_quantile.parquet",
+    )
+    return summary
+
+
+def overlap_table(features_path: str, pairs: list[list[str]], out_path: str) -> pl.DataFrame:
+    """Jaccard of non-surviving/blurred/destroyed sets and damage rank correlation per variant pair."""
+    from .overlap import overlap
+
+    tables = _by_variant(features_path)
+    rows = [{"variant_a": a, "variant_b": b, **overlap(tables[a], tables[b])} for a, b in pairs]
+    table = pl.DataFrame(rows)
+    write_parquet(table, out_path)
+    return table
+
+
+def stability(
+    fp_codes: list[str],
+    variant_codes: dict[str, list[str]],
+    params: dict[str, Any],
+    out_path: str,
+) -> pl.DataFrame:
+    from .stability import StabilityConfig, stability_table
+    from .survival import SurvivalConfig
+
+    table = stability_table(
+        fp_codes,
+        variant_codes,
+        seq_len=params["seq_len"],
+        survival=SurvivalConfig(**params["analysis"]),
+        cfg=StabilityConfig(
+            token_budgets=tuple(params["stability"]["token_budgets"]),
+            subsets=params["stability"]["subsets"],
+            seed=params["stability"]["seed"],
+        ),
+    )
+    write_parquet(table, out_path)
+    return table
+
+
+def threshold_grid(features_path: str, params: dict[str, Any], out_path: str) -> pl.DataFrame:
+    from .survival import threshold_grid as grid
+
+    tables = {v: t for v, t in _by_variant(features_path).items()}
+    table = grid(tables, params["survived_grid"], params["destroyed_grid"])
+    write_parquet(table, out_path)
+    return table
+
+
+def contexts(
+    features_path: str,
+    fp_codes: list[str],
+    variant_codes: dict[str, list[str]],
+    token_paths: list[str],
+    tokenizer_source: str,
+    params: dict[str, Any],
+    out_path: str,
+) -> pl.DataFrame:
+    from .contexts import ContextConfig, damaged_contexts
+
+    features = pl.read_parquet(features_path).filter(pl.col("variant").is_in(list(variant_codes)))
+    table = damaged_contexts(
+        features,
+        fp_codes,
+        variant_codes,
+        load_token_ids(token_paths),
+        load_tokenizer(tokenizer_source),
+        ContextConfig(**params),
+    )
+    write_parquet(table, out_path)
+    table.write_csv(Path(out_path).with_suffix(".csv"))
+    return table

@@ -101,3 +101,104 @@ rule survival:
         "sae-audit survival --params {params.cfg:q} --fp-stats {input.fp_stats} "
         "--correlation {params.correlation} --perplexity {input.perplexity} "
         "--features-out {output.features} --summary-out {output.summary} > {log} 2>&1"
+
+
+rule predict:
+    input:
+        f"{R}/tables/{{model}}/features.parquet",
+    output:
+        summary=f"{R}/tables/{{model}}/predict.parquet",
+        coefficients=f"{R}/tables/{{model}}/predict_coefficients.parquet",
+        oof=f"{R}/tables/{{model}}/predict_oof.parquet",
+        quantiles=f"{R}/tables/{{model}}/survival_by_quantile.parquet",
+    params:
+        cfg=dumps(config["predict"]),
+        out_dir=lambda w: f"{R}/tables/{w.model}",
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/predict/{{model}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict/{{model}}.tsv"
+    shell:
+        "sae-audit predict --params {params.cfg:q} --features {input} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule overlap:
+    input:
+        f"{R}/tables/{{model}}/features.parquet",
+    output:
+        f"{R}/tables/{{model}}/overlap.parquet",
+    params:
+        cfg=dumps(pairs=audit_config.overlap_pairs(config)),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/overlap/{{model}}.log",
+    benchmark:
+        f"{R}/benchmarks/overlap/{{model}}.tsv"
+    shell:
+        "sae-audit overlap --params {params.cfg:q} --features {input} --out {output} > {log} 2>&1"
+
+
+rule stability:
+    input:
+        fp=lambda w: code_shards(w.model, "fp"),
+        codes=lambda w: [p for v in VARIANTS for p in code_shards(w.model, v)],
+    output:
+        f"{R}/tables/{{model}}/stability.parquet",
+    params:
+        codes=lambda w: [f"{v}={p}" for v in VARIANTS for p in code_shards(w.model, v)],
+        cfg=lambda w: dumps(
+            seq_len=model_cfg(w.model)["tokens"]["seq_len"],
+            analysis=config["analysis"],
+            stability={k: config["stability"][k] for k in ("token_budgets", "subsets", "seed")},
+        ),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/stability/{{model}}.log",
+    benchmark:
+        f"{R}/benchmarks/stability/{{model}}.tsv"
+    shell:
+        "sae-audit stability --params {params.cfg:q} --fp {input.fp} --codes {params.codes} --out {output} > {log} 2>&1"
+
+
+rule threshold_grid:
+    input:
+        f"{R}/tables/{{model}}/features.parquet",
+    output:
+        f"{R}/tables/{{model}}/threshold_grid.parquet",
+    params:
+        cfg=dumps({k: config["stability"][k] for k in ("survived_grid", "destroyed_grid")}),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/threshold_grid/{{model}}.log",
+    shell:
+        "sae-audit threshold-grid --params {params.cfg:q} --features {input} --out {output} > {log} 2>&1"
+
+
+rule damaged_contexts:
+    input:
+        features=f"{R}/tables/{{model}}/features.parquet",
+        fp=lambda w: code_shards(w.model, "fp"),
+        codes=lambda w: [p for v in VARIANTS for p in code_shards(w.model, v)],
+        tokens=token_dir,
+        model=base_model_input,
+    output:
+        parquet=f"{R}/tables/{{model}}/damaged_contexts.parquet",
+        csv=f"{R}/tables/{{model}}/damaged_contexts.csv",
+    params:
+        codes=lambda w: [f"{v}={p}" for v in VARIANTS for p in code_shards(w.model, v)],
+        tokens=lambda w: token_files(w.model),
+        tokenizer=tokenizer_source,
+        cfg=dumps(config["inspect"]),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/damaged_contexts/{{model}}.log",
+    shell:
+        "sae-audit contexts --params {params.cfg:q} --features {input.features} --fp {input.fp} "
+        "--codes {params.codes} --tokens {params.tokens} --tokenizer {params.tokenizer} "
+        "--out {output.parquet} > {log} 2>&1"

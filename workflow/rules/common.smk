@@ -90,8 +90,16 @@ def all_targets():
     targets = []
     for model in MODELS:
         targets += [
-            f"{R}/tables/{model}/survival.parquet",
-            f"{R}/tables/{model}/perplexity.parquet",
+            f"{R}/tables/{model}/{name}.parquet"
+            for name in (
+                "survival",
+                "perplexity",
+                "predict",
+                "overlap",
+                "stability",
+                "threshold_grid",
+                "damaged_contexts",
+            )
         ]
         targets += figure_targets(model)
     return targets

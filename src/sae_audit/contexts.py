@@ -1,0 +1,117 @@
+"""What was lost: the top-activating FP contexts of the most damaged features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    n_features: int = 8  # most damaged active features per variant
+    n_contexts: int = 5  # top FP activations shown per feature
+    window: int = 12  # tokens of left context (the same sequence only)
+
+    def __post_init__(self) -> None:
+        if self.n_features < 0 or self.n_contexts < 1 or self.window < 1:
+            raise ValueError(
+                "inspect.n_features >= 0, inspect.n_contexts >= 1, inspect.window >= 1 required"
+            )
+
+
+def most_damaged(features: pl.DataFrame, n: int) -> pl.DataFrame:
+    """Per variant, the n active features with the lowest r (ties by feature id)."""
+    return (
+        features.filter(pl.col("active"))
+        .sort(["variant", "r", "feature"])
+        .group_by("variant", maintain_order=True)
+        .head(n)
+        .with_columns(pl.int_range(1, pl.len() + 1).over("variant").alias("damage_rank"))
+        .select("variant", "feature", "damage_rank", "r")
+    )
+
+
+def render_context(ids: np.ndarray, token: int, seq_len: int, window: int, tokenizer: Any) -> str:
+    """Decoded text of the window ending at `token` (same sequence), the token marked."""
+    start = max((token // seq_len) * seq_len, token - window)
+    stop = min((token // seq_len + 1) * seq_len, token + 4)
+    before = tokenizer.decode(ids[start:token].tolist())
+    here = tokenizer.decode([int(ids[token])])
+    after = tokenizer.decode(ids[token + 1 : stop].tolist())
+    return f"{before}{MARK_OPEN}{here}{MARK_CLOSE}{after}".replace("\n", "⏎")
+
+
+def damaged_contexts(
+    features: pl.DataFrame,
+    fp_paths: Sequence[str | Path],
+    variant_paths: dict[str, Sequence[str | Path]],
+    token_ids: np.ndarray,
+    tokenizer: Any,
+    cfg: ContextConfig,
+) -> pl.DataFrame:
+    """For each variant's most damaged features: top FP contexts and the variant's value there.
+
+    Reads only the rows of the chosen features (Parquet predicate pushdown), so cost is
+    bounded by those features' firing counts, not the whole code set.
+    """
+    chosen = most_damaged(features, cfg.n_features)
+    if chosen.is_empty():
+        return pl.DataFrame(
+            schema={"variant": pl.String, "feature": pl.Int32, "damage_rank": pl.Int64, "r": pl.Float64,
+                    "context_rank": pl.Int64, "token": pl.Int64, "context": pl.String,
+                    "fp_value": pl.Float32, "variant_value": pl.Float32}
+        )  # fmt: skip
+    seq_len = token_ids.shape[1]
+    flat = token_ids.reshape(-1)
+    wanted = chosen["feature"].unique().cast(pl.Int32)
+    top = (
+        pl.scan_parquet([str(p) for p in fp_paths])
+        .filter(pl.col("feature").is_in(wanted.implode()))
+        .sort(["feature", "value", "token"], descending=[False, True, False])
+        .group_by("feature", maintain_order=True)
+        .head(cfg.n_contexts)
+        .with_columns(pl.int_range(1, pl.len() + 1).over("feature").alias("context_rank"))
+        .rename({"value": "fp_value"})
+        .collect()
+    )
+    frames = []
+    for variant, rows in chosen.group_by("variant", maintain_order=True):
+        name = str(variant[0])
+        picked = rows.join(top, on="feature", how="inner")
+        there = (
+            pl.scan_parquet([str(p) for p in variant_paths[name]])
+            .filter(pl.col("feature").is_in(picked["feature"].unique().implode()))
+            .filter(pl.col("token").is_in(picked["token"].unique().implode()))
+            .rename({"value": "variant_value"})
+            .collect()
+        )
+        picked = picked.join(there, on=["token", "feature"], how="left").with_columns(
+            pl.col("variant_value").fill_null(0.0)
+        )
+        frames.append(picked)
+    out = pl.concat(frames, how="vertical_relaxed").with_columns(
+        pl.col("token")
+        .map_elements(
+            lambda t: render_context(flat, int(t), seq_len, cfg.window, tokenizer),
+            return_dtype=pl.String,
+        )
+        .alias("context")
+    )
+    return out.select(
+        "variant",
+        "feature",
+        "damage_rank",
+        "r",
+        "context_rank",
+        "token",
+        "context",
+        "fp_value",
+        "variant_value",
+    ).sort(["variant", "damage_rank", "context_rank"])

@@ -1,0 +1,105 @@
+"""Stability checks: is the token set large enough, and how much do the thresholds matter?
+
+Nested token budgets (prefixes of the token set) and seeded random half-size
+sequence subsets are all accumulated in one streaming pass per variant; the
+threshold grid re-classes the finished per-feature table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .correlate import SufficientSums, TokenFilter, accumulate_selections, pearson_from_sums
+from .stats import shard_metadata
+from .survival import CLASSES, SurvivalConfig, classify
+
+
+@dataclass(frozen=True)
+class StabilityConfig:
+    token_budgets: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+    subsets: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if any(not 0 < b <= 1 for b in self.token_budgets):
+            raise ValueError(
+                f"stability.token_budgets must lie in (0, 1], got {self.token_budgets}"
+            )
+        if self.subsets < 0:
+            raise ValueError(f"stability.subsets must be >= 0, got {self.subsets}")
+
+
+def _selections(
+    n_sequences: int, seq_len: int, cfg: StabilityConfig
+) -> list[tuple[str, float, int | None, TokenFilter]]:
+    """(selection kind, fraction, subset id, token filter) for every budget and subset."""
+    out: list[tuple[str, float, int | None, TokenFilter]] = []
+    for fraction in sorted(set(cfg.token_budgets)):
+        stop = max(1, round(fraction * n_sequences)) * seq_len
+        out.append(("budget", fraction, None, lambda t, stop=stop: t < stop))
+    rng = np.random.default_rng(cfg.seed)
+    for i in range(cfg.subsets):
+        chosen = np.zeros(n_sequences, dtype=bool)
+        chosen[rng.choice(n_sequences, size=max(1, n_sequences // 2), replace=False)] = True
+        out.append(("subset", 0.5, i, lambda t, chosen=chosen: chosen[t // seq_len]))
+    return out
+
+
+def stability_table(
+    fp_paths: Sequence[str | Path],
+    variant_paths: dict[str, Sequence[str | Path]],
+    seq_len: int,
+    survival: SurvivalConfig,
+    cfg: StabilityConfig,
+) -> pl.DataFrame:
+    """Class fractions per variant for each token budget and random subset.
+
+    Active features are re-derived inside each selection (FP firing rate on
+    those tokens), as a smaller study would have seen them.
+    """
+    fp_paths = [Path(p) for p in fp_paths]
+    metas = shard_metadata(fp_paths)
+    n_tokens = sum(m.n_tokens for m in metas)
+    if n_tokens % seq_len:
+        raise ValueError(f"{n_tokens} tokens is not a whole number of {seq_len}-token sequences")
+    d_sae = metas[0].d_sae
+    specs = _selections(n_tokens // seq_len, seq_len, cfg)
+    by_range = {(m.token_start, m.token_stop): p for m, p in zip(metas, fp_paths, strict=True)}
+    rows = []
+    for variant, paths in variant_paths.items():
+        var_by_range = {
+            (m.token_start, m.token_stop): Path(p)
+            for m, p in zip(shard_metadata([Path(p) for p in paths]), paths, strict=True)
+        }
+        if set(var_by_range) != set(by_range):
+            raise ValueError(f"variant {variant!r} shards cover other token ranges than FP's")
+        sums = [SufficientSums(d_sae=d_sae) for _ in specs]
+        selections = [(s, spec[3]) for s, spec in zip(sums, specs, strict=True)]
+        for rng in sorted(by_range):
+            accumulate_selections(by_range[rng], var_by_range[rng], selections)
+        for (kind, fraction, subset, _), acc in zip(specs, sums, strict=True):
+            r, _flags = pearson_from_sums(acc)
+            active = acc.fire_x / acc.n > survival.active_rate
+            classes = classify(pl.Series("r", r[active]), survival)
+            counts = {c: int((classes == c).sum()) for c in CLASSES}
+            n_active = int(active.sum())
+            rows.append(
+                {
+                    "variant": variant,
+                    "selection": kind,
+                    "fraction": fraction,
+                    "subset": subset,
+                    "n_tokens": acc.n,
+                    "n_active": n_active,
+                    **{
+                        f"{c}_pct": 100.0 * counts[c] / n_active if n_active else float("nan")
+                        for c in CLASSES
+                    },
+                }
+            )
+    return pl.DataFrame(rows, schema_overrides={"subset": pl.Int64})
