@@ -60,7 +60,8 @@ def _fixture_corpus(a: argparse.Namespace) -> Any:
 def _fixture_tokenizer(a: argparse.Namespace) -> Any:
     from .fixture import TokenizerConfig, train_tokenizer
 
-    return train_tokenizer(TokenizerConfig(**a.params), a.train, a.out)
+    train_tokenizer(TokenizerConfig(**a.params), a.train, a.out)
+    return {"tokenizer": a.out}
 
 
 @command(
@@ -100,7 +101,7 @@ def _fixture_sae(a: argparse.Namespace) -> Any:
     lambda p: (
         _params(p),
         p.add_argument("--tokenizer", required=True),
-        p.add_argument("--text", nargs="+", required=True),
+        p.add_argument("--text", nargs="*", default=[]),
         p.add_argument("--out", nargs="+", required=True),
     ),
 )

@@ -22,7 +22,7 @@ from .encode import EncodeConfig, encode_token_shard
 from .models import DTYPES, load_model, load_tokenizer, resolve_device, target_weights
 from .prune import magnitude_mask
 from .saes import check_compatible, load_sae
-from .tokens import TokenSetConfig, build_token_set, load_token_ids, read_documents
+from .tokens import TokenSetConfig, build_token_set, load_token_ids
 from .variants import parse_variant
 
 log = logging.getLogger("sae_audit")
@@ -39,9 +39,18 @@ def write_json(path: str | Path, data: Any) -> None:
 def tokenize(
     tokenizer_source: str, text_paths: list[str], params: dict[str, Any], out_paths: list[str]
 ) -> dict[str, Any]:
+    """Token shards from `models.<name>.tokens` (`params`).
+
+    `text_paths` are the local input files (`tokens.paths`, or the fixture's
+    held-out text); empty for `source: hf`.
+    """
+    from .tokens import load_documents
+
     cfg = TokenSetConfig.from_dict(params)
     tokenizer = load_tokenizer(tokenizer_source)
-    info = build_token_set(read_documents(text_paths), tokenizer, cfg, out_paths)
+    documents = load_documents(params, list(text_paths or []))
+    log.info("%d documents from tokens.source=%s", len(documents), params.get("source"))
+    info = build_token_set(documents, tokenizer, cfg, out_paths)
     log.info("token set: %s", info)
     return info
 
