@@ -2,16 +2,19 @@
 
 One small table says, for each family, where the decoder blocks live, which block
 matrices are compressed (attention and MLP only: embeddings, unembedding, norms
-and biases stay full precision), and which of them store weights as Conv1D
-[in, out] rather than nn.Linear [out, in].
+and biases stay full precision), which of them store weights as Conv1D
+[in, out] rather than nn.Linear [out, in], and which modules produce what a
+TransformerLens hook name (the names sae-lens SAEs record) reads.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,12 +28,19 @@ DTYPES: dict[str, torch.dtype] = {
 
 @dataclass(frozen=True)
 class Family:
-    """Where a family keeps its blocks and which block matrices get compressed."""
+    """Where a family keeps its blocks, which block matrices get compressed, where hooks read.
+
+    `attn_out` and `mlp_out` name the module whose output is what that sublayer adds
+    to the residual stream, which is what TransformerLens's `hook_attn_out` /
+    `hook_mlp_out` record: the attention or MLP module itself, or, in families that
+    normalize a sublayer's output before adding it (Gemma-2), that post-norm.
+    """
 
     blocks: str  # dotted path of the ModuleList of decoder blocks
     matrices: tuple[str, ...]  # paths inside a block of the weights to compress
-    attention: str  # path inside a block of the attention module
-    mlp: str  # path inside a block of the MLP module
+    attn_out: str  # path inside a block of the module whose output is hook_attn_out
+    mlp_out: str  # path inside a block of the module whose output is hook_mlp_out
+    final_norm: str  # dotted path of the norm HF applies after the last block
     conv1d: bool = False  # weights stored [in, out] (GPT-2's Conv1D)
     default_attn_implementation: str | None = None
 
@@ -46,8 +56,9 @@ _LLAMA_LIKE = Family(
         "mlp.up_proj",
         "mlp.down_proj",
     ),
-    attention="self_attn",
-    mlp="mlp",
+    attn_out="self_attn",
+    mlp_out="mlp",
+    final_norm="model.norm",
 )
 
 FAMILIES: dict[str, Family] = {
@@ -59,26 +70,38 @@ FAMILIES: dict[str, Family] = {
             "mlp.dense_h_to_4h",
             "mlp.dense_4h_to_h",
         ),
-        attention="attention",
-        mlp="mlp",
+        attn_out="attention",
+        mlp_out="mlp",
+        final_norm="gpt_neox.final_layer_norm",
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    # Gemma-2's soft-capped attention is wrong under sdpa; eager is its reference path.
-    "gemma2": Family(**{**_LLAMA_LIKE.__dict__, "default_attn_implementation": "eager"}),
+    # Gemma-2 normalizes each sublayer's output before the residual add
+    # (post_attention_layernorm after attention, post_feedforward_layernorm after the
+    # MLP; in Llama, post_attention_layernorm is the pre-MLP norm instead), and
+    # TransformerLens hooks attn/mlp_out after those norms. Eager attention is its
+    # reference path (soft-capped logits; transformers 5 refuses sdpa for it outright).
+    "gemma2": replace(
+        _LLAMA_LIKE,
+        attn_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+        default_attn_implementation="eager",
+    ),
     "gpt2": Family(
         blocks="transformer.h",
         matrices=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-        attention="attn",
-        mlp="mlp",
+        attn_out="attn",
+        mlp_out="mlp",
+        final_norm="transformer.ln_f",
         conv1d=True,
     ),
 }
 
 
-def family_of(model: nn.Module) -> Family:
+def family_of(model: Any) -> Family:
+    """The FAMILIES entry of anything with a `.config.model_type` (a model, or a namespace)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(
@@ -148,8 +171,8 @@ def resolve_hook(model: nn.Module, hook_name: str) -> HookPoint:
     if point == "hook_resid_pre":
         return HookPoint(hook_name, block, use_input=True)
     if point == "hook_mlp_out":
-        return HookPoint(hook_name, f"{block}.{family.mlp}", use_input=False)
-    return HookPoint(hook_name, f"{block}.{family.attention}", use_input=False)
+        return HookPoint(hook_name, f"{block}.{family.mlp_out}", use_input=False)
+    return HookPoint(hook_name, f"{block}.{family.attn_out}", use_input=False)
 
 
 class ActivationCapture:
@@ -219,14 +242,13 @@ def load_model(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     config = AutoConfig.from_pretrained(str(source), revision=revision)
-    family = FAMILIES.get(config.model_type)
-    if attn_implementation is None and family is not None:
+    family = family_of(SimpleNamespace(config=config))  # fail before loading any weights
+    if attn_implementation is None:
         attn_implementation = family.default_attn_implementation
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
         str(source), revision=revision, dtype=DTYPES[dtype], **kwargs
     )
-    family_of(model)  # fail early on an unsupported architecture
     return model.to(device).eval()
 
 
