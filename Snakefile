@@ -1,5 +1,7 @@
 # sae-audit: do SAE features survive compression of a language model?
 # Thin entry point: config, validation, rule includes, the final targets.
+import sys
+
 from sae_audit import config as audit_config
 
 
@@ -11,6 +13,9 @@ configfile: "config/config.yaml"
 config.update(audit_config.validate(config))
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/fixture.smk"
 include: "workflow/rules/tokens.smk"
@@ -20,7 +25,26 @@ include: "workflow/rules/analysis.smk"
 include: "workflow/rules/plots.smk"
 
 
+# Seconds-long table jobs run on the submit host instead of queueing on a cluster.
+localrules:
+    all,
+    fp_stats,
+    correlate,
+    perplexity,
+    survival,
+    predict,
+    overlap,
+    threshold_grid,
+
+
 rule all:
     input:
         all_targets(),
     default_target: True
+
+
+onerror:
+    from sae_audit.hints import explain
+
+    for hint in explain(log):
+        print(f"sae-audit hint: {hint}", file=sys.stderr)

@@ -12,7 +12,9 @@ def test_rtn_known_answer_4bit_per_channel():
     q = quantize_rtn(w, RTNSpec(bits=4))
     assert q.codes.tolist() == [[7, -3, 0, 3], [-7, 2, 0, 5]]
     assert torch.allclose(q.scale.squeeze(1), torch.tensor([1.0, 0.2]))
-    assert torch.allclose(q.dequantize(), torch.tensor([[7.0, -3.0, 0.0, 3.0], [-1.4, 0.4, 0.0, 1.0]]))
+    assert torch.allclose(
+        q.dequantize(), torch.tensor([[7.0, -3.0, 0.0, 3.0], [-1.4, 0.4, 0.0, 1.0]])
+    )
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -85,7 +87,7 @@ def test_magnitude_mask_count(sparsity):
     w = torch.randn(37, 23)
     keep = magnitude_mask(w, sparsity)
     assert (~keep).sum().item() == round(sparsity * w.numel())
-    if 0 < sparsity:
+    if sparsity > 0:
         assert w[~keep].abs().max() <= w[keep].abs().min()
 
 

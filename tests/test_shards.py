@@ -6,8 +6,16 @@ from sae_audit.shards import CodeShardWriter, ShardMetadata, iter_code_batches, 
 
 
 def _meta(**kw):
-    base = dict(model="m", variant="rtn-int6", sae="s", hook="blocks.1.hook_resid_post", d_sae=50,
-                token_start=100, token_stop=200, config_hash="abc")
+    base = dict(
+        model="m",
+        variant="rtn-int6",
+        sae="s",
+        hook="blocks.1.hook_resid_post",
+        d_sae=50,
+        token_start=100,
+        token_stop=200,
+        config_hash="abc",
+    )
     return ShardMetadata(**{**base, **kw})
 
 
@@ -42,7 +50,10 @@ def test_code_shard_round_trip_sorted_with_metadata(tmp_path):
 
 def test_out_of_order_batches_are_rejected_and_leave_nothing(tmp_path):
     path = tmp_path / "bad.parquet"
-    with pytest.raises(ValueError, match="increasing token order"), CodeShardWriter(path, _meta()) as w:
+    with (
+        pytest.raises(ValueError, match="increasing token order"),
+        CodeShardWriter(path, _meta()) as w,
+    ):
         w.write(np.array([150]), np.array([1]), np.array([1.0]))
         w.write(np.array([120]), np.array([1]), np.array([1.0]))
     assert not path.exists() and not (tmp_path / "bad.parquet.tmp").exists()

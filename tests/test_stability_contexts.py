@@ -26,7 +26,9 @@ def _dense_pair(seed: int = 0, n_tokens: int = 400, d: int = 12):
 
 def _classes(x: np.ndarray, y: np.ndarray, cfg: SurvivalConfig) -> dict[str, float]:
     active = (x > 0).mean(0) > cfg.active_rate
-    r = np.array([np.corrcoef(x[:, f], y[:, f])[0, 1] if y[:, f].any() else 0.0 for f in range(x.shape[1])])
+    r = np.array(
+        [np.corrcoef(x[:, f], y[:, f])[0, 1] if y[:, f].any() else 0.0 for f in range(x.shape[1])]
+    )
     r = r[active]
     return {
         "survived_pct": 100 * (r > cfg.survived).mean(),
@@ -39,17 +41,25 @@ def test_budgets_and_subsets_match_dense_recomputation(tmp_path):
     fp = write_dense(tmp_path, "fp", x, n_shards=3)
     var = write_dense(tmp_path, "v", y, n_shards=3)
     cfg = SurvivalConfig()
-    table = stability_table(fp, {"v": var}, SEQ_LEN, cfg, StabilityConfig(token_budgets=(0.25, 1.0), subsets=2, seed=3))
+    table = stability_table(
+        fp, {"v": var}, SEQ_LEN, cfg, StabilityConfig(token_budgets=(0.25, 1.0), subsets=2, seed=3)
+    )
     assert table.height == 4
-    full = table.filter((pl.col("selection") == "budget") & (pl.col("fraction") == 1.0)).to_dicts()[0]
+    full = table.filter((pl.col("selection") == "budget") & (pl.col("fraction") == 1.0)).to_dicts()[
+        0
+    ]
     assert full["n_tokens"] == 400
     assert full["survived_pct"] == pytest.approx(_classes(x, y, cfg)["survived_pct"])
     # The full budget agrees with the streaming correlation of the whole set.
     r = correlate_variant(fp, var)["r"].to_numpy()
     assert full["survived_pct"] == pytest.approx(100 * (r > 0.9).mean())
-    quarter = table.filter((pl.col("selection") == "budget") & (pl.col("fraction") == 0.25)).to_dicts()[0]
+    quarter = table.filter(
+        (pl.col("selection") == "budget") & (pl.col("fraction") == 0.25)
+    ).to_dicts()[0]
     assert quarter["n_tokens"] == 100
-    assert quarter["destroyed_pct"] == pytest.approx(_classes(x[:100], y[:100], cfg)["destroyed_pct"])
+    assert quarter["destroyed_pct"] == pytest.approx(
+        _classes(x[:100], y[:100], cfg)["destroyed_pct"]
+    )
     # Subsets: seeded half of the sequences; recompute densely from the same draw.
     subsets = table.filter(pl.col("selection") == "subset").sort("subset")
     rng = np.random.default_rng(3)
@@ -87,12 +97,29 @@ def test_damaged_contexts_picks_most_damaged_and_reads_variant_values(tmp_path):
     fp = write_dense(tmp_path, "fp", x, n_shards=2)
     var = write_dense(tmp_path, "v", y, n_shards=2)
     features = pl.DataFrame(
-        {"variant": ["v"] * d, "feature": list(range(d)), "active": [True, False, True, True], "r": [0.99, 0.0, 0.2, 0.95]}
+        {
+            "variant": ["v"] * d,
+            "feature": list(range(d)),
+            "active": [True, False, True, True],
+            "r": [0.99, 0.0, 0.2, 0.95],
+        }
     )
     ids = (np.arange(n_tokens) % 26).reshape(3, 20)
-    table = damaged_contexts(features, fp, {"v": var}, ids, _CharTokenizer(), ContextConfig(n_features=1, n_contexts=2, window=3))
-    assert table["feature"].to_list() == [2, 2]  # lowest r among active features; inactive 1 skipped
+    table = damaged_contexts(
+        features,
+        fp,
+        {"v": var},
+        ids,
+        _CharTokenizer(),
+        ContextConfig(n_features=1, n_contexts=2, window=3),
+    )
+    assert table["feature"].to_list() == [
+        2,
+        2,
+    ]  # lowest r among active features; inactive 1 skipped
     assert table["token"].to_list() == [17, 33]
     assert table["fp_value"].to_list() == [3.0, 2.0]
     assert table["variant_value"].to_list() == [0.5, 2.0]
-    assert table["context"][0] == "opq⟦r⟧st"  # 3 tokens of left context, right side cut at the sequence end
+    assert (
+        table["context"][0] == "opq⟦r⟧st"
+    )  # 3 tokens of left context, right side cut at the sequence end

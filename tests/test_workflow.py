@@ -2,65 +2,14 @@
 
 from __future__ import annotations
 
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-TEST_CONFIG = ROOT / "tests" / "configs" / "test.yaml"
-
-
-def snakemake(workdir: Path, config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "snakemake",
-        "--snakefile", str(ROOT / "Snakefile"),
-        "--directory", str(workdir),
-        "--configfile", str(config),
-        "--cores", "2",
-        *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    if check and proc.returncode != 0:
-        logs = "\n".join(
-            f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "results" / "logs").rglob("*.log"))
-        ) if (workdir / "results" / "logs").exists() else ""
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-6000:]}\n{logs}")
-    return proc
-
-
-def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
-    """Job counts per rule from a dry-run's 'Job stats' table."""
-    text = proc.stdout + proc.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:")[1].split("Reasons:")[0] if "Reasons:" in text else text.split("Job stats:")[1]
-    jobs = {}
-    for line in table.splitlines():
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if m and m[1] != "total":
-            jobs[m[1]] = int(m[2])
-    return jobs
-
-
-def edited_config(tmp: Path, name: str, edit) -> Path:
-    cfg = yaml.safe_load(TEST_CONFIG.read_text())
-    edit(cfg)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("workflow")
-    snakemake(workdir, TEST_CONFIG)
-    return workdir
+from .conftest import TEST_CONFIG, edited_config, planned_jobs, snakemake
 
 
 @pytest.mark.slow
@@ -68,7 +17,13 @@ def test_end_to_end_outputs(finished_run: Path):
     results = finished_run / "results"
     summary = pl.read_parquet(results / "tables/fixture/survival.parquet")
     by_variant = {row["variant"]: row for row in summary.to_dicts()}
-    assert set(by_variant) == {"rtn-int8", "rtn-int4", "rtn-int2", "prune-matched-rtn-int4", "fp-null"}
+    assert set(by_variant) == {
+        "rtn-int8",
+        "rtn-int4",
+        "rtn-int2",
+        "prune-matched-rtn-int4",
+        "fp-null",
+    }
     # The FP model against itself: every active feature survives with r = 1.
     features = pl.read_parquet(results / "tables/fixture/features.parquet")
     null = features.filter((pl.col("variant") == "fp-null") & pl.col("active"))
@@ -99,7 +54,9 @@ def test_rerun_plans_nothing(finished_run: Path):
 
 @pytest.mark.slow
 def test_adding_a_bit_width_adds_only_its_jobs(finished_run: Path, tmp_path: Path):
-    config = edited_config(tmp_path, "more_bits", lambda c: c["compression"]["rtn"]["bits"].append(6))
+    config = edited_config(
+        tmp_path, "more_bits", lambda c: c["compression"]["rtn"]["bits"].append(6)
+    )
     jobs = planned_jobs(snakemake(finished_run, config, "-n"))
     assert jobs["encode"] == 2  # one per token shard of the new variant
     assert jobs["compress"] == 1 and jobs["correlate"] == 1
@@ -109,7 +66,9 @@ def test_adding_a_bit_width_adds_only_its_jobs(finished_run: Path, tmp_path: Pat
 
 @pytest.mark.slow
 def test_changing_class_thresholds_reruns_no_encode(finished_run: Path, tmp_path: Path):
-    config = edited_config(tmp_path, "thresholds", lambda c: c.setdefault("analysis", {}).update(survived=0.8))
+    config = edited_config(
+        tmp_path, "thresholds", lambda c: c.setdefault("analysis", {}).update(survived=0.8)
+    )
     jobs = planned_jobs(snakemake(finished_run, config, "-n"))
     assert jobs.get("survival") == 1
     assert not {"encode", "compress", "correlate", "tokenize", "fixture_model"} & set(jobs)
@@ -133,6 +92,9 @@ def test_unknown_matched_target_names_the_key(tmp_path: Path):
     assert "config key 'compression.prune.matched.targets'" in proc.stdout + proc.stderr
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def test_snakemake_lint_is_clean():
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(ROOT / "Snakefile")],
@@ -146,4 +108,3 @@ def test_schema_is_the_workflow_schema():
     assert (ROOT / "workflow/schemas/config.schema.yaml").resolve() == (
         ROOT / "src/sae_audit/config.schema.yaml"
     ).resolve()
-

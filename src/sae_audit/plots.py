@@ -1,67 +1,783 @@
-"""Seaborn figures; each function reads tables and writes one PNG."""
+"""Seaborn figures of the audit; each function reads tables and writes one PNG.
+
+Every public function has the signature ``name(*input_paths, out)``, so
+``sae-audit plot NAME --inputs A [B ...] --out X`` calls it; the workflow runs
+each figure from its own rule (workflow/rules/plots.smk) and captions it in
+workflow/report/NAME.rst. ``report_table`` turns a result table into the CSV or
+HTML file the Snakemake report shows.
+
+Figures never fail on a degenerate but valid study (no pruning pair, NaN AUCs,
+a variant with one class only): they say so in the panel instead.
+"""
 
 from __future__ import annotations
 
+import html
+import math
+import textwrap
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: rules run on nodes without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import polars as pl  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.text import Annotation, Text
 
-from .survival import CLASSES  # noqa: E402
-from .variants import parse_variant  # noqa: E402
+from .survival import CLASSES
+from .variants import Variant, parse_variant
 
 PALETTE = {"survived": "#2a9d8f", "blurred": "#e9c46a", "destroyed": "#e76f51"}
+# Default class thresholds on r (DESIGN.md); the lines drawn on the figures.
+SURVIVED_R = 0.9
+DESTROYED_R = 0.5
+KIND_LABEL = {
+    "rtn": "RTN",
+    "prune": "pruning",
+    "prune-matched": "matched pruning",
+    "null": "null (FP rerun)",
+    "other": "other",
+}
+KIND_COLOR = {
+    "RTN": "#264653",
+    "pruning": "#e76f51",
+    "matched pruning": "#d62828",
+    "null (FP rerun)": "#8d99ae",
+    "other": "#6c757d",
+}
+
+sns.set_theme(style="whitegrid", context="paper")
 
 
-def _save(fig: plt.Figure, path: str | Path) -> None:
+# ---------------------------------------------------------------- helpers
+def _save(fig: Figure, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    # leave room for a suptitle (tight_layout ignores it): about 0.4 inch at the top
+    top = 1.0 - 0.4 / fig.get_figheight() if fig.get_suptitle() else 1.0
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, top))
+    fig.savefig(path, dpi=130, bbox_inches="tight")  # keep legends placed outside the axes
     plt.close(fig)
 
 
+def _parse(name: str) -> Variant | None:
+    try:
+        return parse_variant(name)
+    except ValueError:
+        return None
+
+
+def _kind(name: str) -> str:
+    v = _parse(name)
+    return KIND_LABEL[v.kind if v is not None and v.kind in KIND_LABEL else "other"]
+
+
+def _order_key(name: str) -> tuple:
+    """RTN by bits (high to low), then pruning by sparsity, matched pruning, null, others."""
+    v = _parse(name)
+    if v is None:
+        return (5, 0.0, name)
+    if v.kind == "rtn":
+        return (0, -(v.bits or 0), name)
+    if v.kind == "prune":
+        return (1, v.sparsity or 0.0, name)
+    if v.kind == "prune-matched":
+        target = _parse(v.target or "")
+        return (2, -(target.bits or 0) if target and target.bits else 0.0, name)
+    if v.kind == "null":
+        return (3, 0.0, name)
+    return (4, 0.0, name)
+
+
+def _variant_order(names: Iterable[str]) -> list[str]:
+    return sorted({str(n) for n in names}, key=_order_key)
+
+
+def _palette(names: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """A stable color per variant: RTN in a blue-green ramp (dark = fewer bits),
+    pruning in warm colors, the null variant grey."""
+    names = _variant_order(names)
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(_kind(n), []).append(n)
+    ramps = {
+        "RTN": "crest",
+        "pruning": "Oranges",
+        "matched pruning": "flare",
+        "null (FP rerun)": "Greys",
+        "other": "Purples",
+    }
+    colors: dict[str, tuple[float, float, float]] = {}
+    for kind, members in groups.items():
+        ramp = sns.color_palette(ramps[kind], n_colors=max(len(members), 1) + 1)
+        start = 1 if kind in ("pruning", "null (FP rerun)", "other") else 0
+        for i, n in enumerate(members):
+            colors[n] = ramp[min(i + start, len(ramp) - 1)]
+    return colors
+
+
+def _without_null(table: pl.DataFrame, col: str = "variant") -> pl.DataFrame:
+    """Drop the null (FP rerun) variant: every feature survives it, nothing to show."""
+    keep = [_kind(v) != KIND_LABEL["null"] for v in table[col].cast(pl.String)]
+    return table.filter(pl.Series(keep, dtype=pl.Boolean))
+
+
+def _message(ax: Axes, text: str) -> None:
+    """An empty panel that says why there is nothing to draw."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=11, color="#555555")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _message_figure(out: str | Path, title: str, text: str, size=(6.0, 4.0)) -> None:
+    fig, ax = plt.subplots(figsize=size)
+    _message(ax, text)
+    ax.set_title(title)
+    _save(fig, out)
+
+
+def _finite(col: str) -> pl.Expr:
+    return pl.col(col).is_not_null() & pl.col(col).cast(pl.Float64).is_finite()
+
+
 def _rtn_rows(summary: pl.DataFrame) -> pl.DataFrame:
-    bits = [parse_variant(v).bits if parse_variant(v).kind == "rtn" else None for v in summary["variant"]]
-    return summary.with_columns(pl.Series("bits", bits, dtype=pl.Int64)).filter(pl.col("bits").is_not_null())
+    bits = [
+        v.bits if (v := _parse(name)) is not None and v.kind == "rtn" else None
+        for name in summary["variant"]
+    ]
+    return summary.with_columns(pl.Series("bits", bits, dtype=pl.Int64)).filter(
+        pl.col("bits").is_not_null()
+    )
 
 
+def _grid(n: int, max_cols: int = 4, w: float = 3.2, h: float = 3.0):
+    ncols = max(1, min(max_cols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False, sharex=False
+    )
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _declutter(fig: Figure, texts: list[Annotation], step: float = 3.0, moves: int = 60) -> None:
+    """Nudge annotations upwards (in offset points) until no two labels overlap."""
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]  (Agg canvas)
+
+    def box(text: Annotation):
+        # the text alone: an annotation's own extent includes its leader line
+        text.update_positions(renderer)
+        return Text.get_window_extent(text, renderer)
+
+    placed = []
+    for text in texts:
+        for _ in range(moves):
+            if not any(box(text).expanded(1.02, 1.1).overlaps(other) for other in placed):
+                break
+            x, y = text.get_position()
+            text.set_position((x, y + step))
+        placed.append(box(text))
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+# ---------------------------------------------------------------- figures
 def class_fractions_vs_bits(summary_path: str | Path, out: str | Path) -> None:
-    """Stacked shares of active features per class, one bar per RTN bit-width."""
-    rtn = _rtn_rows(pl.read_parquet(summary_path)).sort("bits", descending=True)
-    long = rtn.unpivot(index="bits", on=[f"{c}_pct" for c in CLASSES], variable_name="class", value_name="pct")
-    long = long.with_columns(pl.col("class").str.replace("_pct", ""))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bottom = {b: 0.0 for b in rtn["bits"]}
-    order = [str(b) for b in rtn["bits"]]
+    """Stacked shares of active features per class, one bar per RTN variant (by bit-width)."""
+    rtn = _rtn_rows(pl.read_parquet(summary_path))
+    title = "Feature classes under RTN quantization"
+    if rtn.height == 0:
+        _message_figure(out, title, "no RTN variant configured")
+        return
+    order = _variant_order(rtn["variant"])
+    rtn = rtn.with_columns(pl.col("variant").cast(pl.String))
+    by_variant = {r["variant"]: r for r in rtn.iter_rows(named=True)}
+    # x labels: the bit-width, or the full name when two variants share one (group size, asym)
+    bits = [by_variant[v]["bits"] for v in order]
+    labels = [str(b) if bits.count(b) == 1 else v for v, b in zip(order, bits, strict=True)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(order) + 2), 4))
+    bottom = np.zeros(len(order))
     for cls in CLASSES:
-        part = long.filter(pl.col("class") == cls)
-        values = dict(zip(part["bits"], part["pct"], strict=True))
-        ax.bar(order, [values[b] for b in rtn["bits"]], bottom=[bottom[b] for b in rtn["bits"]], label=cls, color=PALETTE[cls])
-        for b in rtn["bits"]:
-            bottom[b] += values[b]
+        values = np.array(
+            [float(by_variant[v][f"{cls}_pct"] or 0.0) for v in order], dtype=np.float64
+        )
+        values = np.nan_to_num(values)
+        ax.bar(np.arange(len(order)), values, bottom=bottom, label=cls, color=PALETTE[cls])
+        bottom += values
+    for i, v in enumerate(order):
+        pct = by_variant[v]["survived_pct"]
+        if pct is not None and math.isfinite(pct) and pct >= 8:
+            ax.text(i, pct / 2, f"{pct:.1f}%", ha="center", va="center", fontsize=8, color="white")
+    ax.set_xticks(np.arange(len(order)), labels)
+    ax.set_ylim(0, 100)
     ax.set_xlabel("RTN bit-width")
     ax.set_ylabel("% of active features")
-    ax.set_title("Feature classes under RTN quantization")
-    ax.legend(loc="lower left")
+    ax.set_title(title)
+    ax.legend(loc="lower left", frameon=True)
     _save(fig, out)
 
 
 def perplexity_vs_bits(perplexity_path: str | Path, out: str | Path) -> None:
     """Perplexity change (%) vs FP per RTN bit-width, chunked and sliding-window."""
     table = _rtn_rows(pl.read_parquet(perplexity_path))
+    title = "Perplexity under RTN quantization"
     cols = [c for c in ("dppl_chunked_pct", "dppl_sliding_pct") if c in table.columns]
-    long = table.unpivot(index="bits", on=cols, variable_name="evaluation", value_name="dppl")
-    long = long.with_columns(pl.col("evaluation").str.replace("dppl_", "").str.replace("_pct", ""))
+    long = (
+        table.unpivot(index="bits", on=cols, variable_name="evaluation", value_name="dppl")
+        .with_columns(pl.col("evaluation").str.replace("dppl_", "").str.replace("_pct", ""))
+        .filter(_finite("dppl"))
+        if cols and table.height
+        else pl.DataFrame()
+    )
+    if long.height == 0:
+        _message_figure(out, title, "no RTN variant with a perplexity")
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
-    sns.lineplot(data=long.to_pandas(), x="bits", y="dppl", hue="evaluation", marker="o", ax=ax)
+    sns.lineplot(
+        data=long.to_pandas(),
+        x="bits",
+        y="dppl",
+        hue="evaluation",
+        style="evaluation",
+        markers=True,
+        dashes=False,
+        ax=ax,
+    )
     ax.invert_xaxis()
+    ax.set_xticks(sorted(set(long["bits"].to_list())))
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("RTN bit-width")
     ax.set_ylabel("perplexity change vs FP (%)")
-    ax.set_title("Perplexity under RTN quantization")
+    ax.set_title(title)
     _save(fig, out)
+
+
+def perplexity_vs_damage(summary_path: str | Path, out: str | Path) -> None:
+    """Does the perplexity change reveal the feature damage? One point per variant:
+    x = perplexity change (%) vs FP, y = % of active features not surviving."""
+    summary = pl.read_parquet(summary_path).with_columns(pl.col("variant").cast(pl.String))
+    title = "Does the perplexity change reveal the feature damage?"
+    rows = []
+    for r in summary.iter_rows(named=True):
+        damaged = 100.0 - r["survived_pct"] if r["survived_pct"] is not None else math.nan
+        for evaluation in ("chunked", "sliding"):
+            x = r.get(f"dppl_{evaluation}_pct")
+            if x is not None and math.isfinite(x) and math.isfinite(damaged):
+                rows.append(
+                    {
+                        "variant": r["variant"],
+                        "compression": _kind(r["variant"]),
+                        "evaluation": evaluation,
+                        "dppl": float(x),
+                        "damaged": damaged,
+                    }
+                )
+    if not rows:
+        _message_figure(out, title, "no variant with both a perplexity and a survival share")
+        return
+    long = pl.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    # thin grey segments join the two perplexity evaluations of one variant
+    for _, part in long.group_by(["variant"]):
+        if part.height == 2:
+            ax.plot(part["dppl"], part["damaged"], color="#bbbbbb", lw=0.8, zorder=1)
+    # the RTN curve through its chunked points, bit-width order
+    rtn = long.filter((pl.col("compression") == "RTN") & (pl.col("evaluation") == "chunked"))
+    if rtn.height > 1:
+        order = _variant_order(rtn["variant"])
+        pts = {r["variant"]: (r["dppl"], r["damaged"]) for r in rtn.iter_rows(named=True)}
+        xs, ys = zip(*(pts[v] for v in order), strict=True)
+        ax.plot(xs, ys, color=KIND_COLOR["RTN"], lw=1, alpha=0.5, zorder=1)
+    kinds = [k for k in KIND_COLOR if k in set(long["compression"])]
+    sns.scatterplot(
+        data=long.to_pandas(),
+        x="dppl",
+        y="damaged",
+        hue="compression",
+        hue_order=kinds,
+        palette=KIND_COLOR,
+        style="evaluation",
+        style_order=["chunked", "sliding"],
+        markers={"chunked": "o", "sliding": "X"},
+        s=70,
+        zorder=3,
+        ax=ax,
+    )
+    if np.abs(long["dppl"].to_numpy()).max() > 10:
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_ylim(bottom=min(-2.0, float(long["damaged"].to_numpy().min()) - 2))
+    # one label per variant at its chunked point; variants whose points would
+    # overlap on screen (within ~20 px) share one multi-line label
+    labelled = long.sort("evaluation").unique("variant", keep="first", maintain_order=True)
+    fig.canvas.draw()  # fix the limits so data -> pixel positions are final
+    clusters: list[tuple[np.ndarray, tuple[float, float], list[str]]] = []
+    order = _variant_order(labelled["variant"])
+    for r in sorted(labelled.iter_rows(named=True), key=lambda r: order.index(r["variant"])):
+        xy = (r["dppl"], r["damaged"])
+        px = ax.transData.transform(xy)
+        for pos, _, names in clusters:
+            if np.hypot(*(pos - px)) < 20:
+                names.append(r["variant"])
+                break
+        else:
+            clusters.append((px, xy, [r["variant"]]))
+    texts = [
+        ax.annotate(
+            "\n".join(names),
+            xy,
+            xytext=(6, 4),
+            textcoords="offset points",
+            fontsize=7,
+            va="bottom",
+            arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.5, "shrinkA": 0},
+        )
+        for _, xy, names in clusters
+    ]
+    _declutter(fig, texts)
+    ax.set_xlabel("perplexity change vs FP (%)")
+    ax.set_ylabel("% of active features not surviving (blurred + destroyed)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, out)
+
+
+def correlation_histograms(features_path: str | Path, out: str | Path) -> None:
+    """Histogram of per-feature r over active features, one facet per variant, colored by class."""
+    cols = ["variant", "r", "active", "class"]
+    features = (
+        pl.read_parquet(features_path, columns=cols)
+        .filter(pl.col("active") & _finite("r") & pl.col("class").is_not_null())
+        .with_columns(pl.col("variant").cast(pl.String), pl.col("r").clip(-1.0, 1.0))
+    )
+    title = "Per-feature correlation r between FP and compressed activations"
+    if features.height == 0:
+        _message_figure(out, title, "no active feature with a correlation")
+        return
+    order = _variant_order(features["variant"])
+    bins = np.linspace(-1.0, 1.0, 81)
+    fig, axes = _grid(len(order), max_cols=4, w=3.3, h=2.7)
+    for ax, variant in zip(axes, order, strict=True):
+        part = features.filter(pl.col("variant") == variant)
+        r = part["r"].to_numpy()
+        stacked = [part.filter(pl.col("class") == c)["r"].to_numpy() for c in CLASSES]
+        ax.hist(
+            stacked,
+            bins=bins,
+            stacked=True,
+            color=[PALETTE[c] for c in CLASSES],
+            label=list(CLASSES),
+        )
+        for cut in (DESTROYED_R, SURVIVED_R):
+            ax.axvline(cut, color="black", ls="--", lw=0.8)
+        ax.set_xlim(-1, 1)
+        ax.set_title(variant, fontsize=9)
+        ax.text(
+            0.03,
+            0.95,
+            f"n={r.size}\nmedian r={np.median(r):.2f}",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=7,
+        )
+        ax.set_xlabel("r")
+        ax.set_ylabel("active features")
+    axes[0].legend(fontsize=7, loc="center left")
+    fig.suptitle(title + f" (dashed: r = {DESTROYED_R}, {SURVIVED_R})", fontsize=10)
+    _save(fig, out)
+
+
+def roc_curves(oof_path: str | Path, predict_path: str | Path, out: str | Path) -> None:
+    """Out-of-fold ROC curve of the survival predictor per variant; CV AUC in the legend."""
+    from sklearn.metrics import roc_curve
+
+    oof = pl.read_parquet(oof_path).with_columns(pl.col("variant").cast(pl.String))
+    summary = pl.read_parquet(predict_path).with_columns(pl.col("variant").cast(pl.String))
+    by_variant = {r["variant"]: r for r in summary.iter_rows(named=True)}
+    title = "Survival predictor: out-of-fold ROC"
+    variants = [
+        v
+        for v in _variant_order([*oof["variant"], *summary["variant"]])
+        if _kind(v) != KIND_LABEL["null"]
+    ]
+    colors = _palette(variants)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    skipped = []
+    for v in variants:
+        part = oof.filter((pl.col("variant") == v) & _finite("proba"))
+        labels = part["label"].cast(pl.Boolean).to_numpy() if part.height else np.array([])
+        if part.height == 0 or labels.all() or not labels.any():
+            reason = (by_variant.get(v) or {}).get("reason") or "no out-of-fold predictions"
+            skipped.append(f"{v}: {reason}")
+            continue
+        fpr, tpr, _ = roc_curve(labels, part["proba"].to_numpy())
+        row = by_variant.get(v) or {}
+        auc, sd = row.get("auc_mean"), row.get("auc_sd")
+        auc_text = f"AUC {_fmt(auc)}" + (
+            f" ± {_fmt(sd)}" if sd is not None and math.isfinite(sd) else ""
+        )
+        ax.plot(fpr, tpr, color=colors[v], lw=1.6, label=f"{v} ({auc_text})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="chance (AUC 0.5)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate (damaged features predicted to survive)")
+    ax.set_ylabel("true positive rate (surviving features found)")
+    ax.set_title(title)
+    # variants without a curve are listed (with the reason) at the end of the legend
+    handles = ax.get_legend_handles_labels()[0]
+    handles += [
+        Line2D([], [], ls="", label=textwrap.fill(f"not shown: {s}", 48, subsequent_indent="  "))
+        for s in skipped
+    ]
+    ax.legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        title="CV AUC mean ± sd over folds",
+        title_fontsize=7,
+    )
+    _save(fig, out)
+
+
+def _quantile_lines(
+    table: pl.DataFrame, predictors: list[str], q: int, title: str, xlabel, out: str | Path
+) -> None:
+    table = _without_null(table.with_columns(pl.col("variant").cast(pl.String)))
+    order = _variant_order(table["variant"])
+    colors = _palette(order)
+    fig, axes = _grid(len(predictors), max_cols=4, w=3.4, h=3.4)
+    for i, (ax, predictor) in enumerate(zip(axes, predictors, strict=True)):
+        part = table.filter(pl.col("predictor") == predictor).with_columns(
+            (pl.col("survived_frac") * 100).alias("survived_pct")
+        )
+        sns.lineplot(
+            data=part.to_pandas(),
+            x="bin",
+            y="survived_pct",
+            hue="variant",
+            hue_order=order,
+            palette=colors,
+            marker="o",
+            ax=ax,
+            legend=i == len(predictors) - 1,
+        )
+        ax.set_xticks(range(1, q + 1))
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel(xlabel(predictor, part))
+        ax.set_ylabel("% of active features surviving")
+        ax.set_title(predictor, fontsize=9)
+    if axes and axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, out)
+
+
+def survival_by_quartile(quantile_path: str | Path, out: str | Path) -> None:
+    """Survival fraction per quartile of each FP predictor (facets), one line per variant."""
+    table = pl.read_parquet(quantile_path).filter(pl.col("q") == 4)
+    title = "Survival by predictor quartile"
+    predictors = list(dict.fromkeys(table["predictor"].to_list()))
+    if not predictors or _without_null(table).height == 0:
+        _message_figure(
+            out, title, "no quartile table (no compressed variant with active features)"
+        )
+        return
+    _quantile_lines(
+        table,
+        predictors,
+        4,
+        title + " (bin 1 = lowest 25% of the predictor)",
+        lambda p, _: f"{p} quartile",
+        out,
+    )
+
+
+def survival_by_firing_rate_decile(quantile_path: str | Path, out: str | Path) -> None:
+    """Survival fraction per decile of FP firing rate (deciles of rarity = -log rate)."""
+    table = pl.read_parquet(quantile_path).filter(
+        (pl.col("q") == 10) & (pl.col("predictor") == "rarity")
+    )
+    title = "Survival by FP firing-rate decile"
+    table = _without_null(table.with_columns(pl.col("variant").cast(pl.String)))
+    if table.height == 0:
+        _message_figure(out, title, "no decile table for the 'rarity' predictor")
+        return
+    order = _variant_order(table["variant"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    sns.lineplot(
+        data=table.with_columns((pl.col("survived_frac") * 100).alias("survived_pct")).to_pandas(),
+        x="bin",
+        y="survived_pct",
+        hue="variant",
+        hue_order=order,
+        palette=_palette(order),
+        marker="o",
+        ax=ax,
+    )
+    # the bins are FP-only, so one variant's edges label them all; rarity = -log(rate)
+    edges = table.filter(pl.col("variant") == order[0]).sort("bin")
+    ticks, labels = [], []
+    for r in edges.iter_rows(named=True):
+        lo, hi = math.exp(-r["predictor_max"]), math.exp(-r["predictor_min"])
+        ticks.append(r["bin"])
+        labels.append(f"{r['bin']}\n{lo:.1e}\nto {hi:.1e}")
+    ax.set_xticks(ticks, labels, fontsize=7)
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("FP firing-rate decile (1 = most frequent … 10 = rarest; firing-rate range)")
+    ax.set_ylabel("% of active features surviving")
+    ax.set_title(title)
+    sns.move_legend(ax, "center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
+    _save(fig, out)
+
+
+def coefficients(coef_path: str | Path, out: str | Path) -> None:
+    """Standardized logistic coefficients per predictor and variant, and each predictor's AUC alone."""
+    table = _without_null(
+        pl.read_parquet(coef_path).with_columns(pl.col("variant").cast(pl.String))
+    )
+    order = _variant_order(table["variant"])
+    colors = _palette(order)
+    predictors = list(dict.fromkeys(table["predictor"].to_list()))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, col, ylabel, ref in (
+        (left, "coefficient", "coefficient per SD (log-odds of surviving)", 0.0),
+        (right, "marginal_auc", "AUC of the predictor alone", 0.5),
+    ):
+        part = table.filter(_finite(col))
+        if part.height == 0:
+            _message(ax, f"no finite {col.replace('_', ' ')} (one class only?)")
+            continue
+        present = [v for v in order if v in set(part["variant"])]
+        sns.barplot(
+            data=part.to_pandas(),
+            x="predictor",
+            y=col,
+            order=predictors,
+            hue="variant",
+            hue_order=present,
+            palette=colors,
+            ax=ax,
+            legend=ax is right,
+        )
+        ax.axhline(ref, color="black", lw=0.8)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("")
+    if right.get_legend() is not None:
+        sns.move_legend(right, "center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
+    if right.has_data():
+        right.set_ylim(0, 1)
+    left.set_title("Standardized logistic coefficients (all predictors together)", fontsize=9)
+    right.set_title("Marginal AUC (< 0.5: higher values predict damage)", fontsize=9)
+    _save(fig, out)
+
+
+def rtn_vs_pruning_scatter(
+    features_path: str | Path, overlap_path: str | Path, out: str | Path
+) -> None:
+    """Per-feature damage (1 - r) of the RTN variant (x) vs its matched pruning variant (y),
+    one facet per overlap pair, with counts in each class cell and Spearman in the title."""
+    overlap = pl.read_parquet(overlap_path)
+    title = "Do RTN and pruning damage the same features?"
+    if overlap.height == 0 or not {"variant_a", "variant_b"} <= set(overlap.columns):
+        _message_figure(
+            out,
+            title,
+            "no pruning pairs configured\n(add a matched-pruning variant or overlap.pairs)",
+        )
+        return
+    features = (
+        pl.read_parquet(features_path, columns=["variant", "feature", "active", "damage"])
+        .filter(pl.col("active") & _finite("damage"))
+        .with_columns(pl.col("variant").cast(pl.String))
+    )
+    pairs = []
+    for r in overlap.iter_rows(named=True):
+        a, b = str(r["variant_a"]), str(r["variant_b"])
+        # RTN on x when one side is RTN; otherwise keep the table's order
+        if _kind(b) == "RTN" and _kind(a) != "RTN":
+            a, b = b, a
+        pairs.append((a, b, r.get("spearman"), r.get("jaccard_nonsurviving")))
+    fig, axes = _grid(len(pairs), max_cols=3, w=3.8, h=3.8)
+    cuts = (1 - SURVIVED_R, 1 - DESTROYED_R)  # damage 0.1 and 0.5
+    for ax, (a, b, rho, jac) in zip(axes, pairs, strict=True):
+        joined = (
+            features.filter(pl.col("variant") == a)
+            .select("feature", pl.col("damage").alias("x"))
+            .join(
+                features.filter(pl.col("variant") == b).select(
+                    "feature", pl.col("damage").alias("y")
+                ),
+                on="feature",
+            )
+        )
+        if joined.height == 0:
+            _message(ax, f"no active features\nfor {a} and {b}")
+            ax.set_title(f"{a} vs {b}", fontsize=9)
+            continue
+        x, y = joined["x"].to_numpy(), joined["y"].to_numpy()
+        alpha = 0.4 if x.size < 2000 else 0.12  # dense clouds stay readable
+        ax.scatter(x, y, s=5, alpha=alpha, color="#264653", edgecolor="none", rasterized=True)
+        top = max(1.0, float(np.nanmax([x.max(), y.max()])) * 1.05)
+        ax.plot([0, top], [0, top], color="grey", ls=":", lw=0.8)
+        for cut in cuts:
+            ax.axvline(cut, color="#e76f51", ls="--", lw=0.8)
+            ax.axhline(cut, color="#e76f51", ls="--", lw=0.8)
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_xlim(-0.002, top)
+        ax.set_ylim(-0.002, top)
+        # feature counts in each (class under a, class under b) cell
+        edges = [-np.inf, cuts[0], cuts[1], np.inf]
+        centers = [cuts[0] / 2, math.sqrt(cuts[0] * cuts[1]), (cuts[1] + top) / 2]
+        counts, _, _ = np.histogram2d(x, y, bins=[edges, edges])
+        for i, cx in enumerate(centers):
+            for j, cy in enumerate(centers):
+                ax.text(
+                    cx,
+                    cy,
+                    str(int(counts[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="#d62828",
+                    bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1},
+                )
+        ax.set_title(
+            f"{a} vs {b}\nSpearman $\\rho$ = {_fmt(rho)}, Jaccard(non-surv.) = {_fmt(jac, '.2f')}",
+            fontsize=8,
+        )
+        ax.set_xlabel(f"damage 1 - r, {a}")
+        ax.set_ylabel(f"damage 1 - r, {b}")
+    fig.suptitle(title + " (dashed: damage 0.1 / 0.5, i.e. r = 0.9 / 0.5)", fontsize=10)
+    _save(fig, out)
+
+
+def stability(stability_path: str | Path, out: str | Path) -> None:
+    """Survival share vs token-budget fraction per variant; random subsets as extra points."""
+    table = pl.read_parquet(stability_path).with_columns(pl.col("variant").cast(pl.String))
+    title = "Is the token set large enough? Survival vs token budget"
+    table = table.filter(_finite("survived_pct"))
+    budgets = table.filter(pl.col("selection") == "budget")
+    subsets = table.filter(pl.col("selection") == "subset")
+    if table.height == 0:
+        _message_figure(out, title, "no stability rows (no token budgets or subsets)")
+        return
+    order = _variant_order(table["variant"])
+    colors = _palette(order)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    if budgets.height:
+        sns.lineplot(
+            data=budgets.sort("fraction").to_pandas(),
+            x="fraction",
+            y="survived_pct",
+            hue="variant",
+            hue_order=order,
+            palette=colors,
+            marker="o",
+            ax=ax,
+        )
+    if subsets.height:
+        # a small deterministic horizontal spread so the subsets don't hide each other
+        spread = subsets.with_columns(
+            (pl.col("fraction") * (1.0 + 0.03 * (pl.col("subset").fill_null(0) + 1))).alias("x")
+        )
+        for r in spread.iter_rows(named=True):
+            ax.scatter(
+                r["x"],
+                r["survived_pct"],
+                marker="X",
+                s=45,
+                color=colors[r["variant"]],
+                edgecolor="white",
+                linewidth=0.5,
+                zorder=3,
+            )
+    fractions = sorted(set(table["fraction"].to_list()))
+    if fractions and fractions[0] > 0 and fractions[-1] / fractions[0] >= 4:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    # zoom on the data (small drifts are the point), but never below a 10-point span
+    values = table["survived_pct"].to_numpy()
+    lo, hi = float(values.min()), float(values.max())
+    pad = max(2.0, 0.1 * (hi - lo), (10.0 - (hi - lo)) / 2)
+    ax.set_ylim(max(-1.0, lo - pad), min(101.0, hi + pad))
+    ax.set_xlabel("fraction of the token set")
+    ax.set_ylabel("% of active features surviving")
+    ax.set_title(title)
+    handles = ax.get_legend_handles_labels()[0]
+    handles += [
+        Line2D([], [], color="black", marker="o", label="budget (first fraction f)"),
+        Line2D([], [], color="black", marker="X", ls="", label="random subset (fraction f)"),
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    _save(fig, out)
+
+
+# ---------------------------------------------------------------- report tables
+def report_table(table_path: str | Path, out: str | Path, max_rows: int = 5000) -> None:
+    """A result table as CSV (``out`` ends in .csv) or as a standalone HTML table (.html),
+    the form the Snakemake report shows inline."""
+    table = pl.read_parquet(table_path)
+    # nested columns (lists, structs) have no CSV form: write them as text
+    table = table.with_columns(
+        pl.col(c).map_elements(str, return_dtype=pl.String)
+        for c, dtype in table.schema.items()
+        if dtype.is_nested()
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        table.write_csv(out)
+        return
+    if out.suffix not in (".html", ".htm"):
+        raise ValueError(f"report_table writes .csv or .html, got {out}")
+    shown = table.head(max_rows)
+    note = f"{table.height} rows, {table.width} columns" + (
+        f"; first {max_rows} shown" if table.height > max_rows else ""
+    )
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in shown.columns)
+    body = "\n".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in shown.iter_rows())
+    name = html.escape(Path(table_path).stem)
+    out.write_text(
+        f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{name}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; font-size: 12px; margin: 1em; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; white-space: nowrap; }}
+th {{ background: #f0f0f0; position: sticky; top: 0; }}
+td.s {{ text-align: left; white-space: pre-wrap; max-width: 60em; }}
+tr:nth-child(even) td {{ background: #fafafa; }}
+</style></head>
+<body><h3>{name}</h3><p>{html.escape(note)}</p>
+<table><thead><tr>{head}</tr></thead><tbody>
+{body}
+</tbody></table></body></html>
+""",
+        encoding="utf-8",
+    )
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "<td>—</td>"
+    if isinstance(value, float):
+        return f"<td>{'NaN' if math.isnan(value) else format(value, '.4g')}</td>"
+    if isinstance(value, str):
+        return f'<td class="s">{html.escape(value)}</td>'
+    return f"<td>{html.escape(str(value))}</td>"

@@ -112,7 +112,34 @@ def matched_input(wildcards):
 
 
 def figure_targets(model):
-    return [f"{R}/figures/{model}/{name}.png" for name in FIGURES]
+    """Every figure of one model and the report's tables (HTML to view, CSV to download)."""
+    figures = [f"{R}/figures/{model}/{name}.png" for name in FIGURES]
+    tables = [
+        f"{R}/report/{model}/{t}.{ext}" for t in REPORT_TABLES for ext in ("html", "csv")
+    ]
+    return figures + tables
 
 
-FIGURES = ["class_fractions_vs_bits", "perplexity_vs_bits"]
+# One rule plot_NAME in plots.smk, one function sae_audit.plots.NAME and one
+# caption workflow/report/NAME.rst per figure (tests/test_plots.py checks all three).
+FIGURES = [
+    "class_fractions_vs_bits",
+    "correlation_histograms",
+    "perplexity_vs_bits",
+    "perplexity_vs_damage",
+    "roc_curves",
+    "coefficients",
+    "survival_by_quartile",
+    "survival_by_firing_rate_decile",
+    "rtn_vs_pruning_scatter",
+    "stability",
+]
+# Result tables (tables/{model}/NAME.parquet) the report shows (rule report_tables).
+REPORT_TABLES = [
+    "survival",
+    "perplexity",
+    "predict",
+    "overlap",
+    "threshold_grid",
+    "damaged_contexts",
+]

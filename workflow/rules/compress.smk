@@ -37,7 +37,7 @@ rule match_sparsity:
             matched={k: v for k, v in config["compression"]["prune"]["matched"].items() if k != "targets"},
             encode=config["encode"],
         ),
-    threads: workflow.cores
+    threads: 2
     conda:
         "../../envs/torch.yaml"
     log:

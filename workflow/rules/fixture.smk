@@ -43,7 +43,7 @@ rule fixture_model:
         directory(f"{R}/fixture/model"),
     params:
         cfg=dumps(config["fixture"]["model"]),
-    threads: workflow.cores
+    threads: 2
     conda:
         "../../envs/torch.yaml"
     log:
@@ -63,7 +63,7 @@ rule fixture_sae:
         directory(f"{R}/fixture/sae"),
     params:
         cfg=dumps(config["fixture"]["sae"]),
-    threads: workflow.cores
+    threads: 2
     conda:
         "../../envs/torch.yaml"
     log:

@@ -1,11 +1,34 @@
-# Figures: one rule each.
+# Figures (one rule each) and the result tables shown in the Snakemake report.
+# Each figure rule calls `sae-audit plot NAME --inputs ... --out ...`, i.e. the
+# function sae_audit.plots.NAME, and captions its PNG with workflow/report/NAME.rst.
+# Build the report after a run with: snakemake --report report.html
+
+
+# Seconds-long jobs: run on the submit host instead of queueing on a cluster.
+localrules:
+    plot_class_fractions_vs_bits,
+    plot_correlation_histograms,
+    plot_perplexity_vs_bits,
+    plot_perplexity_vs_damage,
+    plot_roc_curves,
+    plot_coefficients,
+    plot_survival_by_quartile,
+    plot_survival_by_firing_rate_decile,
+    plot_rtn_vs_pruning_scatter,
+    plot_stability,
+    report_tables,
 
 
 rule plot_class_fractions_vs_bits:
     input:
         f"{R}/tables/{{model}}/survival.parquet",
     output:
-        f"{R}/figures/{{model}}/class_fractions_vs_bits.png",
+        report(
+            f"{R}/figures/{{model}}/class_fractions_vs_bits.png",
+            caption="../report/class_fractions_vs_bits.rst",
+            category="1. Feature survival",
+            subcategory="{model}",
+        ),
     conda:
         "../../envs/analysis.yaml"
     log:
@@ -14,14 +37,196 @@ rule plot_class_fractions_vs_bits:
         "sae-audit plot class_fractions_vs_bits --inputs {input} --out {output} > {log} 2>&1"
 
 
+rule plot_correlation_histograms:
+    input:
+        f"{R}/tables/{{model}}/features.parquet",
+    output:
+        report(
+            f"{R}/figures/{{model}}/correlation_histograms.png",
+            caption="../report/correlation_histograms.rst",
+            category="1. Feature survival",
+            subcategory="{model}",
+        ),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/plots/{{model}}/correlation_histograms.log",
+    shell:
+        "sae-audit plot correlation_histograms --inputs {input} --out {output} > {log} 2>&1"
+
+
 rule plot_perplexity_vs_bits:
     input:
         f"{R}/tables/{{model}}/perplexity.parquet",
     output:
-        f"{R}/figures/{{model}}/perplexity_vs_bits.png",
+        report(
+            f"{R}/figures/{{model}}/perplexity_vs_bits.png",
+            caption="../report/perplexity_vs_bits.rst",
+            category="2. Perplexity",
+            subcategory="{model}",
+        ),
     conda:
         "../../envs/analysis.yaml"
     log:
         f"{R}/logs/plots/{{model}}/perplexity_vs_bits.log",
     shell:
         "sae-audit plot perplexity_vs_bits --inputs {input} --out {output} > {log} 2>&1"
+
+
+rule plot_perplexity_vs_damage:
+    input:
+        f"{R}/tables/{{model}}/survival.parquet",
+    output:
+        report(
+            f"{R}/figures/{{model}}/perplexity_vs_damage.png",
+            caption="../report/perplexity_vs_damage.rst",
+            category="2. Perplexity",
+            subcategory="{model}",
+        ),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/plots/{{model}}/perplexity_vs_damage.log",
+    shell:
+        "sae-audit plot perplexity_vs_damage --inputs {input} --out {output} > {log} 2>&1"
+
+
+rule plot_roc_curves:
+    input:
+        f"{R}/tables/{{model}}/predict_oof.parquet",
+        f"{R}/tables/{{model}}/predict.parquet",
+    output:
+        report(
+            f"{R}/figures/{{model}}/roc_curves.png",
+            caption="../report/roc_curves.rst",
+            category="3. Survival predictor",
+            subcategory="{model}",
+        ),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/plots/{{model}}/roc_curves.log",
+    shell:
+        "sae-audit plot roc_curves --inputs {input} --out {output} > {log} 2>&1"
+
+
+rule plot_coefficients:
+    input:
+        f"{R}/tables/{{model}}/predict_coefficients.parquet",
+    output:
+        report(
+            f"{R}/figures/{{model}}/coefficients.png",
+            caption="../report/coefficients.rst",
+            category="3. Survival predictor",
+            subcategory="{model}",
+        ),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/plots/{{model}}/coefficients.log",
+    shell:
+        "sae-audit plot coefficients --inputs {input} --out {output} > {log} 2>&1"
+
+
+rule plot_survival_by_quartile:
+    input:
+        f"{R}/tables/{{model}}/survival_by_quantile.parquet",
+    output:
+        report(
+            f"{R}/figures/{{model}}/survival_by_quartile.png",
+            caption="../report/survival_by_quartile.rst",
+            category="3. Survival predictor",
+            subcategory="{model}",
+        ),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/plots/{{model}}/survival_by_quartile.log",
+    shell:
+        "sae-audit plot survival_by_quartile --inputs {input} --out {output} > {log} 2>&1"
+
+
+rule plot_survival_by_firing_rate_decile:
+    input:
+        f"{R}/tables/{{model}}/survival_by_quantile.parquet",
+    output:
+        report(
+            f"{R}/figures/{{model}}/survival_by_firing_rate_decile.png",
+            caption="../report/survival_by_firing_rate_decile.rst",
+            category="3. Survival predictor",
+            subcategory="{model}",
+        ),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/plots/{{model}}/survival_by_firing_rate_decile.log",
+    shell:
+        "sae-audit plot survival_by_firing_rate_decile --inputs {input} --out {output} > {log} 2>&1"
+
+
+rule plot_rtn_vs_pruning_scatter:
+    input:
+        f"{R}/tables/{{model}}/features.parquet",
+        f"{R}/tables/{{model}}/overlap.parquet",
+    output:
+        report(
+            f"{R}/figures/{{model}}/rtn_vs_pruning_scatter.png",
+            caption="../report/rtn_vs_pruning_scatter.rst",
+            category="4. RTN vs pruning",
+            subcategory="{model}",
+        ),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/plots/{{model}}/rtn_vs_pruning_scatter.log",
+    shell:
+        "sae-audit plot rtn_vs_pruning_scatter --inputs {input} --out {output} > {log} 2>&1"
+
+
+rule plot_stability:
+    input:
+        f"{R}/tables/{{model}}/stability.parquet",
+    output:
+        report(
+            f"{R}/figures/{{model}}/stability.png",
+            caption="../report/stability.rst",
+            category="5. Stability",
+            subcategory="{model}",
+        ),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/plots/{{model}}/stability.log",
+    shell:
+        "sae-audit plot stability --inputs {input} --out {output} > {log} 2>&1"
+
+
+# The main result tables, once per table: an HTML page the report shows inline
+# (the report only renders images, PDF and HTML) and a CSV to download.
+rule report_tables:
+    input:
+        f"{R}/tables/{{model}}/{{table}}.parquet",
+    output:
+        html=report(
+            f"{R}/report/{{model}}/{{table}}.html",
+            caption="../report/tables.rst",
+            category="6. Tables",
+            subcategory="{model}",
+            labels={"table": "{table}"},
+        ),
+        csv=report(
+            f"{R}/report/{{model}}/{{table}}.csv",
+            caption="../report/tables.rst",
+            category="7. Tables (CSV download)",
+            subcategory="{model}",
+            labels={"table": "{table}"},
+        ),
+    wildcard_constraints:
+        table="|".join(REPORT_TABLES),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        f"{R}/logs/plots/{{model}}/report_table_{{table}}.log",
+    shell:
+        "(sae-audit plot report_table --inputs {input} --out {output.html} && "
+        "sae-audit plot report_table --inputs {input} --out {output.csv}) > {log} 2>&1"

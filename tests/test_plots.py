@@ -1,0 +1,482 @@
+"""Figures and report tables from small synthetic tables (no workflow run)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from sae_audit import plots
+from sae_audit.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ["rtn-int8", "rtn-int4", "prune-matched-rtn-int4", "fp-null"]
+PREDICTORS = ["rarity", "log_mean", "log_peak", "log_concentration"]
+N_FEATURES = 50
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# The inputs each figure's rule passes, in order (table stems under tables/{model}/).
+FIGURE_INPUTS = {
+    "class_fractions_vs_bits": ["survival"],
+    "perplexity_vs_bits": ["perplexity"],
+    "perplexity_vs_damage": ["survival"],
+    "correlation_histograms": ["features"],
+    "roc_curves": ["predict_oof", "predict"],
+    "survival_by_quartile": ["survival_by_quantile"],
+    "coefficients": ["predict_coefficients"],
+    "rtn_vs_pruning_scatter": ["features", "overlap"],
+    "survival_by_firing_rate_decile": ["survival_by_quantile"],
+    "stability": ["stability"],
+}
+
+
+def _classify(r: float) -> str:
+    return "survived" if r > 0.9 else "blurred" if r >= 0.5 else "destroyed"
+
+
+def _features(rng: np.random.Generator) -> pl.DataFrame:
+    firing_rate = 10 ** rng.uniform(-4, -1, N_FEATURES)
+    mean = rng.lognormal(0, 0.5, N_FEATURES)
+    peak = mean * rng.uniform(1.5, 6, N_FEATURES)
+    active = firing_rate > 0.001
+    # damage grows with rarity, so the predictor has something to find
+    base = np.clip(0.3 * (np.log10(1 / firing_rate) - 1) + rng.normal(0, 0.15, N_FEATURES), 0, 2)
+    scale = {"rtn-int8": 0.02, "rtn-int4": 1.0, "prune-matched-rtn-int4": 0.9, "fp-null": 0.0}
+    rows = []
+    for v in VARIANTS:
+        sd = {"rtn-int8": 0.005, "fp-null": 0.0}.get(v, 0.05)  # rtn-int8: every feature survives
+        noise = rng.normal(0, sd, N_FEATURES) if sd else np.zeros(N_FEATURES)
+        damage = np.clip(scale[v] * base + np.abs(noise) * (v != "fp-null"), 0, 2)
+        r = 1 - damage
+        for f in range(N_FEATURES):
+            rows.append(
+                {
+                    "variant": v,
+                    "feature": f,
+                    "firing_count": int(firing_rate[f] * 10000),
+                    "firing_rate": float(firing_rate[f]),
+                    "mean_when_firing": float(mean[f]),
+                    "peak": float(peak[f]),
+                    "sum": float(mean[f] * firing_rate[f] * 10000),
+                    "sum_sq": 1.0,
+                    "n_tokens": 10000,
+                    "r": float(r[f]),
+                    "flag": None,
+                    "fp_fire_count": int(firing_rate[f] * 10000),
+                    "variant_fire_count": int(firing_rate[f] * 10000),
+                    "active": bool(active[f]),
+                    "class": _classify(r[f]) if active[f] else None,
+                    "damage": float(damage[f]),
+                }
+            )
+    return pl.DataFrame(rows, schema_overrides={"flag": pl.String, "class": pl.String})
+
+
+def _survival(features: pl.DataFrame, perplexity: pl.DataFrame) -> pl.DataFrame:
+    active = features.filter(pl.col("active"))
+    summary = (
+        active.group_by("variant", maintain_order=True)
+        .agg(
+            pl.len().alias("n_active"),
+            *[(pl.col("class") == c).sum().alias(f"n_{c}") for c in plots.CLASSES],
+            pl.col("r").mean().alias("mean_r"),
+            pl.col("r").median().alias("median_r"),
+            pl.lit(0).alias("n_variant_silent"),
+        )
+        .with_columns(
+            *[
+                (100 * pl.col(f"n_{c}") / pl.col("n_active")).alias(f"{c}_pct")
+                for c in plots.CLASSES
+            ]
+        )
+    )
+    return summary.join(perplexity, on="variant", how="left")
+
+
+def _perplexity() -> pl.DataFrame:
+    dppl = {"fp": 0.0, "rtn-int8": 0.1, "rtn-int4": 14.0, "prune-matched-rtn-int4": 13.5}
+    dppl["fp-null"] = 0.0
+    return pl.DataFrame(
+        {
+            "variant": list(dppl),
+            "n_tokens": [6144] * len(dppl),
+            "ppl_chunked": [30 * (1 + d / 100) for d in dppl.values()],
+            "ppl_sliding": [28 * (1 + d / 100) for d in dppl.values()],
+            "n_tokens_sliding": [6000] * len(dppl),
+            "dppl_chunked_pct": list(dppl.values()),
+            "dppl_sliding_pct": [d * 0.9 for d in dppl.values()],
+        }
+    )
+
+
+def _predict(features: pl.DataFrame, rng: np.random.Generator):
+    summary, coefs, oof, quantiles = [], [], [], []
+    for v in VARIANTS:
+        if v == "fp-null":
+            continue
+        t = features.filter(pl.col("variant") == v, pl.col("active"))
+        label = (t["class"] == "survived").to_numpy()
+        one_class = label.all() or not label.any()
+        proba = (
+            np.full(t.height, np.nan)
+            if one_class
+            else np.clip(label * 0.6 + rng.uniform(0, 0.5, t.height), 0, 1)
+        )
+        nan = float("nan")
+        summary.append(
+            {
+                "variant": v,
+                "n": t.height,
+                "n_survived": int(label.sum()),
+                "auc_mean": nan if one_class else 0.9,
+                "auc_sd": nan if one_class else 0.03,
+                "intercept": nan if one_class else 0.2,
+                "reason": "only one class present (survived)" if one_class else None,
+            }
+        )
+        for i, p in enumerate(PREDICTORS):
+            coefs.append(
+                {
+                    "variant": v,
+                    "predictor": p,
+                    "coefficient": nan if one_class else (-1.0 + 0.4 * i),
+                    "marginal_auc": nan if one_class else 0.3 + 0.1 * i,
+                    "marginal_auc_best": nan if one_class else 0.7 - 0.05 * i,
+                }
+            )
+            for q in (4, 10):
+                for b in range(1, q + 1):
+                    quantiles.append(
+                        {
+                            "variant": v,
+                            "predictor": p,
+                            "q": q,
+                            "bin": b,
+                            "n": 5,
+                            "predictor_min": 2.0 + 0.5 * b,
+                            "predictor_max": 2.4 + 0.5 * b,
+                            "survived_frac": 1.0 if one_class else max(0.0, 1 - b / q),
+                        }
+                    )
+        oof.append(
+            pl.DataFrame(
+                {"variant": v, "feature": t["feature"], "proba": proba, "label": label},
+                schema_overrides={"feature": pl.Int32},
+            )
+        )
+    return (
+        pl.DataFrame(summary, schema_overrides={"reason": pl.String}),
+        pl.DataFrame(coefs),
+        pl.concat(oof),
+        pl.DataFrame(quantiles),
+    )
+
+
+def _overlap() -> pl.DataFrame:
+    return pl.DataFrame(
+        [
+            {
+                "variant_a": a,
+                "variant_b": "prune-matched-rtn-int4",
+                "n": 45,
+                "n_active_a": 45,
+                "n_active_b": 45,
+                "spearman": s,
+                "spearman_p": 0.0,
+                "pearson": s,
+                "pearson_p": 0.0,
+                "n_nonsurviving_a": 10,
+                "n_nonsurviving_b": 12,
+                "jaccard_nonsurviving": 0.8,
+                "n_blurred_a": 5,
+                "n_blurred_b": 6,
+                "jaccard_blurred": 0.7,
+                "n_destroyed_a": 5,
+                "n_destroyed_b": 6,
+                "jaccard_destroyed": 0.6,
+            }
+            for a, s in (("rtn-int8", float("nan")), ("rtn-int4", 0.95))
+        ]
+    )
+
+
+def _stability() -> pl.DataFrame:
+    rows = []
+    for v in VARIANTS:
+        base = {"rtn-int8": 98.0, "rtn-int4": 55.0, "prune-matched-rtn-int4": 60.0}.get(v, 100.0)
+        for f in (0.125, 0.25, 0.5, 1.0):
+            rows.append((v, "budget", f, None, int(6144 * f), 45, base - 5 * (1 - f)))
+        for i in range(3):
+            rows.append((v, "subset", 0.5, i, 3072, 45, base - 2.5 + i))
+    return pl.DataFrame(
+        [
+            {
+                "variant": v,
+                "selection": s,
+                "fraction": f,
+                "subset": i,
+                "n_tokens": n,
+                "n_active": a,
+                "survived_pct": p,
+                "blurred_pct": (100 - p) / 2,
+                "destroyed_pct": (100 - p) / 2,
+            }
+            for v, s, f, i, n, a, p in rows
+        ],
+        schema_overrides={"subset": pl.Int64},
+    )
+
+
+def _threshold_grid(features: pl.DataFrame) -> pl.DataFrame:
+    rows = []
+    for v in VARIANTS:
+        r = features.filter(pl.col("variant") == v, pl.col("active"))["r"]
+        for hi in (0.8, 0.85, 0.9, 0.95):
+            for lo in (0.3, 0.4, 0.5, 0.6):
+                counts = {
+                    "survived": int((r > hi).sum()),
+                    "destroyed": int((r < lo).sum()),
+                }
+                counts["blurred"] = r.len() - counts["survived"] - counts["destroyed"]
+                rows.append(
+                    {
+                        "variant": v,
+                        "survived_threshold": hi,
+                        "destroyed_threshold": lo,
+                        "n_active": r.len(),
+                        **{f"n_{c}": counts[c] for c in plots.CLASSES},
+                        **{f"{c}_pct": 100 * counts[c] / r.len() for c in plots.CLASSES},
+                    }
+                )
+    return pl.DataFrame(rows)
+
+
+def _damaged_contexts() -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "variant": ["rtn-int4"] * 4,
+            "feature": [3, 3, 7, 7],
+            "damage_rank": [1, 1, 2, 2],
+            "r": [0.1, 0.1, 0.3, 0.3],
+            "context_rank": [1, 2, 1, 2],
+            "token": [10, 200, 31, 45],
+            "context": ["the ⟦cat⟧ sat", "a <b>&amp; ⟦dog⟧", "on ⟦the⟧ mat", "x ⟦y⟧ z"],
+            "fp_value": [2.0, 1.5, 3.0, 0.5],
+            "variant_value": [0.0, 0.2, 1.0, 0.0],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    out = tmp_path_factory.mktemp("tables")
+    features = _features(rng)
+    perplexity = _perplexity()
+    summary, coefs, oof, quantiles = _predict(features, rng)
+    frames = {
+        "features": features,
+        "perplexity": perplexity,
+        "survival": _survival(features, perplexity.filter(pl.col("variant") != "fp")),
+        "predict": summary,
+        "predict_coefficients": coefs,
+        "predict_oof": oof,
+        "survival_by_quantile": quantiles,
+        "overlap": _overlap(),
+        "stability": _stability(),
+        "threshold_grid": _threshold_grid(features),
+        "damaged_contexts": _damaged_contexts(),
+    }
+    paths = {}
+    for name, frame in frames.items():
+        paths[name] = out / f"{name}.parquet"
+        frame.write_parquet(paths[name])
+    return paths
+
+
+def _assert_png(path: Path, min_bytes: int = 5_000) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert len(data) > min_bytes, f"{path} is only {len(data)} bytes"
+
+
+def _figures() -> list[str]:
+    """FIGURES as declared in workflow/rules/common.smk."""
+    text = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    m = re.search(r"^FIGURES\s*=\s*(\[.*?\])", text, flags=re.S | re.M)
+    assert m, "FIGURES list not found in common.smk"
+    return ast.literal_eval(m[1])
+
+
+def test_figure_inputs_cover_figures():
+    assert sorted(FIGURE_INPUTS) == sorted(_figures())
+
+
+@pytest.mark.parametrize("name", sorted(FIGURE_INPUTS))
+def test_figure_writes_png(name, tables, tmp_path):
+    out = tmp_path / "fig" / f"{name}.png"
+    getattr(plots, name)(*(tables[t] for t in FIGURE_INPUTS[name]), out=out)
+    _assert_png(out)
+
+
+def test_cli_plot(tables, tmp_path):
+    out = tmp_path / "cli.png"
+    cli_main(
+        [
+            "plot",
+            "roc_curves",
+            "--inputs",
+            str(tables["predict_oof"]),
+            str(tables["predict"]),
+            "--out",
+            str(out),
+        ]
+    )
+    _assert_png(out)
+    with pytest.raises(SystemExit):
+        cli_main(["plot", "_save", "--inputs", "x", "--out", str(out)])
+
+
+def test_figure_structure(tables, tmp_path, monkeypatch):
+    """Inspect the matplotlib figures before they are saved."""
+    captured = {}
+    save = plots._save
+
+    def spy(fig, path):
+        captured[Path(path).stem] = {
+            "axes": [ax for ax in fig.axes if ax.get_visible()],
+            "titles": [ax.get_title() for ax in fig.axes],
+        }
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    for name in ("correlation_histograms", "rtn_vs_pruning_scatter", "roc_curves", "coefficients"):
+        plots.__dict__[name](
+            *(tables[t] for t in FIGURE_INPUTS[name]), out=tmp_path / f"{name}.png"
+        )
+
+    # one histogram facet per variant, stacked by class (3 bar containers)
+    hist_axes = captured["correlation_histograms"]["axes"]
+    assert sorted(ax.get_title() for ax in hist_axes) == sorted(VARIANTS)
+    assert all(len(ax.containers) == 3 for ax in hist_axes)
+    # one scatter facet per overlap pair, RTN on x, Spearman in the title (NaN shown as n/a)
+    scatter_axes = captured["rtn_vs_pruning_scatter"]["axes"]
+    assert len(scatter_axes) == 2
+    assert all(ax.get_xlabel().endswith(("rtn-int8", "rtn-int4")) for ax in scatter_axes)
+    titles = " ".join(ax.get_title() for ax in scatter_axes)
+    assert "Spearman" in titles and "0.950" in titles and "n/a" in titles
+    # 4 damage lines (2 cuts x 2 axes) + diagonal in each facet
+    assert all(len(ax.lines) >= 5 for ax in scatter_axes)
+    # ROC: rtn-int8 has one class only (NaN AUC) and is listed as not shown, fp-null is left out
+    (roc,) = captured["roc_curves"]["axes"]
+    labels = [" ".join(t.get_text().split()) for t in roc.get_legend().get_texts()]
+    curves = [line.get_label() for line in roc.lines]
+    assert any(lab.startswith("rtn-int4 (AUC 0.900") for lab in curves)
+    assert any(lab.startswith("prune-matched-rtn-int4") for lab in curves)
+    assert not any("rtn-int8" in lab or "fp-null" in lab for lab in curves)
+    assert "not shown: rtn-int8: only one class present (survived)" in labels
+    assert not any("fp-null" in lab for lab in labels)
+    # coefficients: two panels, bars only for the variants with finite values
+    coef_axes = captured["coefficients"]["axes"]
+    assert len(coef_axes) == 2
+    assert all(len(ax.patches) >= 2 * len(PREDICTORS) for ax in coef_axes)
+
+
+def test_no_pruning_pairs(tables, tmp_path):
+    """A config without pruning: overlap.parquet has no rows (and no columns)."""
+    empty = tmp_path / "overlap.parquet"
+    pl.DataFrame().write_parquet(empty)
+    out = tmp_path / "scatter.png"
+    plots.rtn_vs_pruning_scatter(tables["features"], empty, out=out)
+    _assert_png(out)
+    no_rtn = tmp_path / "features_no_rtn.parquet"
+    pl.read_parquet(tables["features"]).filter(pl.col("variant") == "fp-null").write_parquet(no_rtn)
+    plots.correlation_histograms(no_rtn, out=tmp_path / "hist.png")
+    _assert_png(tmp_path / "hist.png")
+
+
+def test_all_nan_predictor(tables, tmp_path):
+    """Every AUC NaN (one class everywhere): the predictor figures still draw, saying why."""
+    nan_coefs = pl.read_parquet(tables["predict_coefficients"]).with_columns(
+        pl.lit(float("nan")).alias(c) for c in ("coefficient", "marginal_auc", "marginal_auc_best")
+    )
+    nan_oof = pl.read_parquet(tables["predict_oof"]).with_columns(
+        pl.lit(float("nan")).alias("proba")
+    )
+    nan_predict = pl.read_parquet(tables["predict"]).with_columns(
+        pl.lit(float("nan")).alias("auc_mean"), pl.lit("only one class present").alias("reason")
+    )
+    paths = {}
+    for name, frame in (("c", nan_coefs), ("o", nan_oof), ("p", nan_predict)):
+        paths[name] = tmp_path / f"{name}.parquet"
+        frame.write_parquet(paths[name])
+    plots.coefficients(paths["c"], out=tmp_path / "coef.png")
+    plots.roc_curves(paths["o"], paths["p"], out=tmp_path / "roc.png")
+    _assert_png(tmp_path / "coef.png")
+    _assert_png(tmp_path / "roc.png")
+
+
+def test_report_table_csv_and_html(tables, tmp_path):
+    csv, page = tmp_path / "t.csv", tmp_path / "t.html"
+    plots.report_table(tables["damaged_contexts"], out=csv)
+    plots.report_table(tables["damaged_contexts"], out=page)
+    back = pl.read_csv(csv)
+    assert back.height == 4 and "⟦cat⟧" in back["context"][0]
+    text = page.read_text(encoding="utf-8")
+    assert text.count("<tr>") == 5  # header + 4 rows
+    assert "⟦cat⟧" in text and "&lt;b&gt;&amp;amp;" in text  # escaped, not interpreted
+    assert '<meta charset="utf-8">' in text
+    plots.report_table(tables["predict"], out=page)
+    assert "NaN" in page.read_text() and "—" in page.read_text()  # NaN AUC, null reason
+    with pytest.raises(ValueError):
+        plots.report_table(tables["predict"], out=tmp_path / "t.txt")
+
+
+def test_every_figure_has_function_rule_and_caption():
+    smk = (ROOT / "workflow" / "rules" / "plots.smk").read_text()
+    for name in _figures():
+        fn = getattr(plots, name, None)
+        assert callable(fn) and not name.startswith("_"), f"plots.{name} missing"
+        params = list(inspect.signature(fn).parameters.values())
+        assert params[-1].name == "out", f"plots.{name} must take out= last"
+        rule = re.search(rf"^rule plot_{name}:\n(.*?)(?=^rule |\Z)", smk, flags=re.S | re.M)
+        assert rule, f"no rule plot_{name} in plots.smk"
+        body = rule[1]
+        assert f"sae-audit plot {name} " in body
+        assert f'caption="../report/{name}.rst"' in body
+        assert f"logs/plots/{{{{model}}}}/{name}.log" in body
+        assert 'conda:\n        "../../envs/analysis.yaml"' in body
+        caption = ROOT / "workflow" / "report" / f"{name}.rst"
+        assert caption.is_file() and len(caption.read_text().split()) > 40, caption
+    assert (ROOT / "workflow" / "report" / "workflow.rst").is_file()
+    assert (ROOT / "workflow" / "report" / "tables.rst").is_file()
+
+
+def test_variant_order_and_palette():
+    names = ["fp-null", "prune-matched-rtn-int4", "rtn-int4", "rtn-int8", "prune-0.3", "weird"]
+    assert plots._variant_order(names) == [
+        "rtn-int8", "rtn-int4", "prune-0.3", "prune-matched-rtn-int4", "fp-null", "weird",
+    ]  # fmt: skip
+    colors = plots._palette(names)
+    assert set(colors) == set(names)
+    assert all(
+        len(c) == 3 and all(0 <= x <= 1 and not math.isnan(x) for x in c) for c in colors.values()
+    )
+
+
+def test_report_tables_cover_configured(tables, tmp_path):
+    """Every table the report shows converts to CSV and HTML."""
+    text = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    m = re.search(r"^REPORT_TABLES\s*=\s*(\[.*?\])", text, flags=re.S | re.M)
+    assert m, "REPORT_TABLES list not found in common.smk"
+    for name in ast.literal_eval(m[1]):
+        for ext in ("csv", "html"):
+            out = tmp_path / f"{name}.{ext}"
+            plots.report_table(tables[name], out=out)
+            assert out.stat().st_size > 100
