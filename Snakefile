@@ -4,8 +4,11 @@ import sys
 
 from sae_audit import config as audit_config
 
+# The embedded demo unless the user names a config (--configfile config/paper.yaml):
+# a named config replaces the demo rather than merging into it, so models never mix.
+if not workflow.overwrite_configfiles:
 
-configfile: "config/config.yaml"
+    configfile: "config/config.yaml"
 
 
 # Validates against workflow/schemas/config.schema.yaml (fills defaults, cross-checks
@@ -38,9 +41,9 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True
 
 
 onerror:

@@ -78,7 +78,7 @@ def test_workflow_through_slurm_matches_local_run(
     )
     prefix = f"saeaudit_{uuid.uuid4().hex[:8]}"
     targets = [
-        f"results/features/fixture/{v}/correlation.parquet" for v in ("rtn-int8", "rtn-int2")
+        f"results/features/fixture/res/{v}/correlation.parquet" for v in ("rtn-int8", "rtn-int2")
     ]
     started = time.monotonic()
     slurm_snakemake(workdir, prefix, *targets)
@@ -99,8 +99,12 @@ def test_workflow_through_slurm_matches_local_run(
     completed = [line for line in records if "JobState=COMPLETED" in line]
     # tokenize + 3 compress (fp, rtn-int8, rtn-int2) + 6 encode; correlate and the other tiny jobs run locally.
     assert len(completed) == 10, records
-    encode_records = [line for line in completed if "gres/gpu" in line or "gpu" in line.lower()]
-    assert len(encode_records) >= 6
+    # Each encode job asked SLURM for the node's GPU: SLURM exported its device, and the
+    # code ran on CPU because this node has no CUDA.
+    encode_logs = sorted((workdir / "results/logs/encode").rglob("*.log"))
+    assert len(encode_logs) == 6
+    for log in encode_logs:
+        assert "CUDA_VISIBLE_DEVICES=0 cuda_available=False device=cpu" in log.read_text()
     # A finished run re-run submits nothing.
     again = slurm_snakemake(workdir, prefix, *targets, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -129,7 +133,7 @@ def test_unsatisfiable_gpu_request_fails_fast_with_a_hint(
     proc = slurm_snakemake(
         workdir,
         f"saeaudit_{uuid.uuid4().hex[:8]}",
-        "results/codes/fixture/fp/shard-000.parquet",
+        "results/codes/fixture/fp/shard-000",
         "--set-resources", "encode:gpu=2",
         "--retries", "0",
         check=False,

@@ -15,7 +15,7 @@ from .conftest import TEST_CONFIG, edited_config, planned_jobs, snakemake
 @pytest.mark.slow
 def test_end_to_end_outputs(finished_run: Path):
     results = finished_run / "results"
-    summary = pl.read_parquet(results / "tables/fixture/survival.parquet")
+    summary = pl.read_parquet(results / "tables/fixture/res/survival.parquet")
     by_variant = {row["variant"]: row for row in summary.to_dicts()}
     assert set(by_variant) == {
         "rtn-int8",
@@ -25,7 +25,7 @@ def test_end_to_end_outputs(finished_run: Path):
         "fp-null",
     }
     # The FP model against itself: every active feature survives with r = 1.
-    features = pl.read_parquet(results / "tables/fixture/features.parquet")
+    features = pl.read_parquet(results / "tables/fixture/res/features.parquet")
     null = features.filter((pl.col("variant") == "fp-null") & pl.col("active"))
     assert null.height > 0
     assert (null["r"] - 1.0).abs().max() < 1e-6
@@ -42,9 +42,9 @@ def test_end_to_end_outputs(finished_run: Path):
     assert ppl.filter(pl.col("variant") == "rtn-int2")["ppl_chunked"][0] > fp["ppl_chunked"]
     # Every rule left a log; figures exist and are real PNGs.
     assert list((results / "logs").rglob("encode/**/*.log"))
-    for png in (results / "figures/fixture").glob("*.png"):
+    for png in (results / "figures/fixture/res").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (results / "figures/fixture/class_fractions_vs_bits.png").exists()
+    assert (results / "figures/fixture/res/class_fractions_vs_bits.png").exists()
 
 
 @pytest.mark.slow

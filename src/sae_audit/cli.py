@@ -158,11 +158,10 @@ def _match(a: argparse.Namespace) -> Any:
     lambda p: (
         _params(p),
         p.add_argument("--checkpoint", required=True),
-        p.add_argument("--sae-path", default=None),
+        p.add_argument("--sae-path", nargs="*", default=[], help="SAE=DIR for SAEs on disk"),
         p.add_argument("--tokens", required=True),
-        p.add_argument("--codes", required=True),
+        p.add_argument("--codes-dir", required=True),
         p.add_argument("--nll", required=True),
-        p.add_argument("--metrics", default=None),
         p.add_argument("--model-name", required=True),
     ),
 )
@@ -171,15 +170,14 @@ def _encode(a: argparse.Namespace) -> Any:
 
     return encode(
         a.checkpoint,
-        a.params["sae"],
-        a.sae_path,
+        a.params["saes"],
+        _pairs(a.sae_path),
         a.tokens,
-        a.codes,
+        a.codes_dir,
         a.nll,
         a.model_name,
         a.params["model"],
         a.params["encode"],
-        a.metrics,
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .hooknames import HOOK_PATTERN, SUPPORTED
 from .variants import parse_variant, prune_name, rtn_name
 
 FIXTURE = "fixture"
@@ -83,21 +84,60 @@ def _cross_check(config: dict[str, Any]) -> None:
             f"({analysis['destroyed']} > {analysis['survived']})"
         )
     for model, spec in config["models"].items():
-        uses_fixture = FIXTURE in (
-            spec["model"]["source"],
-            spec["sae"].get("source"),
-            spec["tokens"]["source"],
-        )
+        sae_sources = [sae.get("source") for sae in spec["saes"].values()]
+        uses_fixture = FIXTURE in (spec["model"]["source"], spec["tokens"]["source"], *sae_sources)
         if uses_fixture and "fixture" not in config:
             raise ConfigError(
                 f"config key 'models.{model}': uses the fixture but 'fixture' is not configured"
             )
+    for model, spec in config["models"].items():
+        check_local_saes(model, spec)
     for pair in config["overlap"]["pairs"]:
         for name in pair:
             if name not in names:
                 raise ConfigError(
                     f"config key 'overlap.pairs': {name!r} is not a configured variant"
                 )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_local_saes(model: str, spec: Mapping[str, Any]) -> None:
+    """Before any job runs: an on-disk SAE must read a hook the model has, at its width.
+
+    Only local files are read (the model's config.json, the SAE's cfg.json), so planning
+    never touches the network; hub SAEs are checked when the encode job loads them.
+    """
+    source = Path(spec["model"]["source"])
+    model_cfg = _read_json(source / "config.json") if source.is_dir() else None
+    for name, sae in spec["saes"].items():
+        if "path" not in sae:
+            continue
+        key = f"models.{model}.saes.{name}.path"
+        sae_cfg = _read_json(Path(sae["path"]) / "cfg.json")
+        if sae_cfg is None:
+            raise ConfigError(f"config key '{key}': no sae-lens cfg.json in {sae['path']!r}")
+        hook = (sae_cfg.get("metadata") or {}).get("hook_name") or sae_cfg.get("hook_name")
+        match = HOOK_PATTERN.match(hook or "")
+        if match is None:
+            raise ConfigError(
+                f"config key '{key}': SAE hook {hook!r} is not supported; expected {SUPPORTED}"
+            )
+        if model_cfg is None:
+            continue
+        width = model_cfg.get("hidden_size") or model_cfg.get("n_embd")
+        layers = model_cfg.get("num_hidden_layers") or model_cfg.get("n_layer")
+        if width is not None and int(sae_cfg["d_in"]) != int(width):
+            raise ConfigError(
+                f"config key '{key}': SAE d_in={sae_cfg['d_in']} but {hook} of {spec['model']['source']} "
+                f"has width {width}: this SAE was trained on another model"
+            )
+        if layers is not None and int(match["layer"]) >= int(layers):
+            raise ConfigError(
+                f"config key '{key}': SAE hook {hook} is past the model's {layers} layers"
+            )
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -136,6 +176,10 @@ def overlap_pairs(config: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def model_names(config: Mapping[str, Any]) -> list[str]:
     return list(config["models"])
+
+
+def sae_names(config: Mapping[str, Any], model: str) -> list[str]:
+    return list(config["models"][model]["saes"])
 
 
 def slice_hash(*parts: Any) -> str:

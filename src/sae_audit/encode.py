@@ -4,7 +4,8 @@ write the nonzero codes as a sparse shard, and the per-token NLL beside it."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,92 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
+@dataclass
+class EncodeTarget:
+    """One SAE to encode with, where its hook is, and where its code shard goes."""
+
+    sae: Any
+    hook: str
+    codes_path: str | Path
+    sae_name: str  # recorded in the shard metadata
+
+
 @torch.no_grad()
+def encode_shard_multi(
+    model: torch.nn.Module,
+    targets: list[EncodeTarget],
+    token_shard: str | Path,
+    nll_path: str | Path,
+    meta: dict[str, Any],
+    cfg: EncodeConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """One forward pass per batch captures every SAE's hook; each SAE writes its own shard.
+
+    The per-token NLL comes from the same forward pass. Returns counts and timings.
+    """
+    seq_idx, ids, _ = read_token_shard(token_shard)
+    n_seq, seq_len = ids.shape
+    token_start = int(seq_idx[0]) * seq_len
+    hooks = sorted({t.hook for t in targets})
+    nll_meta = ShardMetadata(
+        token_start=token_start,
+        token_stop=token_start + n_seq * seq_len,
+        d_sae=0,
+        hook=",".join(hooks),
+        sae="",
+        **meta,
+    )
+    nll_tokens: list[np.ndarray] = []
+    nll_values: list[np.ndarray] = []
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        writers = [
+            stack.enter_context(
+                CodeShardWriter(
+                    t.codes_path,
+                    replace(nll_meta, d_sae=int(t.sae.cfg.d_sae), hook=t.hook, sae=t.sae_name),
+                )
+            )
+            for t in targets
+        ]
+        dtypes = [next(t.sae.parameters()).dtype for t in targets]
+        for lo in tqdm(
+            range(0, n_seq, cfg.batch_size), desc=f"encode {meta['variant']}", unit="batch"
+        ):
+            batch = torch.from_numpy(ids[lo : lo + cfg.batch_size]).to(device)
+            with ActivationCapture(model, hooks) as capture:
+                logits = model(input_ids=batch).logits
+            base = token_start + lo * seq_len
+            for target, writer, dtype in zip(targets, writers, dtypes, strict=True):
+                acts = capture.activations[target.hook]
+                codes = target.sae.encode(acts.to(dtype).reshape(-1, acts.shape[-1]))
+                rows, features = torch.nonzero(codes != 0, as_tuple=True)
+                writer.write(
+                    (rows + base).cpu().numpy(),
+                    features.to(torch.int32).cpu().numpy(),
+                    codes[rows, features].float().cpu().numpy(),
+                )
+            nll = token_nll(logits, batch)
+            positions = (
+                base + np.arange(batch.shape[0])[:, None] * seq_len + np.arange(1, seq_len)[None, :]
+            )
+            nll_tokens.append(positions.reshape(-1))
+            nll_values.append(nll.double().cpu().numpy().reshape(-1))
+        n_codes = {t.sae_name: w.n_rows for t, w in zip(targets, writers, strict=True)}
+    write_nll_shard(nll_path, np.concatenate(nll_tokens), np.concatenate(nll_values), nll_meta)
+    seconds = time.perf_counter() - started
+    n_tokens = nll_meta.n_tokens
+    return {
+        "n_tokens": n_tokens,
+        "n_codes": n_codes,
+        "l0": {name: n / n_tokens for name, n in n_codes.items()},
+        "seconds": seconds,
+        "tokens_per_second": n_tokens / seconds,
+        "device": str(device),
+    }
+
+
 def encode_token_shard(
     model: torch.nn.Module,
     sae: Any,
@@ -44,52 +130,16 @@ def encode_token_shard(
     cfg: EncodeConfig,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Encode one token shard; returns counts and timings for the job log."""
-    seq_idx, ids, _ = read_token_shard(token_shard)
-    n_seq, seq_len = ids.shape
-    token_start = int(seq_idx[0]) * seq_len
-    shard_meta = ShardMetadata(
-        token_start=token_start,
-        token_stop=token_start + n_seq * seq_len,
-        d_sae=int(sae.cfg.d_sae),
-        hook=hook_name,
-        **meta,
+    """Single-SAE form of `encode_shard_multi` (meta carries the SAE's name as 'sae')."""
+    meta = dict(meta)
+    name = str(meta.pop("sae"))
+    info = encode_shard_multi(
+        model,
+        [EncodeTarget(sae, hook_name, codes_path, name)],
+        token_shard,
+        nll_path,
+        meta,
+        cfg,
+        device,
     )
-    sae_dtype = next(sae.parameters()).dtype
-    nll_tokens: list[np.ndarray] = []
-    nll_values: list[np.ndarray] = []
-    started = time.perf_counter()
-    with CodeShardWriter(codes_path, shard_meta) as writer:
-        for lo in tqdm(
-            range(0, n_seq, cfg.batch_size), desc=f"encode {meta['variant']}", unit="batch"
-        ):
-            batch = torch.from_numpy(ids[lo : lo + cfg.batch_size]).to(device)
-            with ActivationCapture(model, [hook_name]) as capture:
-                logits = model(input_ids=batch).logits
-            acts = capture.activations[hook_name]
-            codes = sae.encode(acts.to(sae_dtype).reshape(-1, acts.shape[-1]))
-            rows, features = torch.nonzero(codes != 0, as_tuple=True)
-            values = codes[rows, features]
-            base = token_start + lo * seq_len
-            writer.write(
-                (rows + base).cpu().numpy(),
-                features.to(torch.int32).cpu().numpy(),
-                values.float().cpu().numpy(),
-            )
-            nll = token_nll(logits, batch)
-            positions = (
-                base + np.arange(batch.shape[0])[:, None] * seq_len + np.arange(1, seq_len)[None, :]
-            )
-            nll_tokens.append(positions.reshape(-1))
-            nll_values.append(nll.double().cpu().numpy().reshape(-1))
-        n_codes = writer.n_rows
-    write_nll_shard(nll_path, np.concatenate(nll_tokens), np.concatenate(nll_values), shard_meta)
-    seconds = time.perf_counter() - started
-    return {
-        "n_tokens": shard_meta.n_tokens,
-        "n_codes": int(n_codes),
-        "l0": n_codes / shard_meta.n_tokens,
-        "seconds": seconds,
-        "tokens_per_second": shard_meta.n_tokens / seconds,
-        "device": str(device),
-    }
+    return {**info, "n_codes": info["n_codes"][name], "l0": info["l0"][name]}

@@ -9,7 +9,6 @@ TransformerLens hook name (the names sae-lens SAEs record) reads.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .hooknames import HOOK_PATTERN
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -136,9 +137,7 @@ def from_out_in(weight: torch.Tensor, model: nn.Module) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- hook points
-_HOOK = re.compile(
-    r"^blocks\.(?P<layer>\d+)\.(?P<point>hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out)$"
-)
+_HOOK = HOOK_PATTERN
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from .checkpoints import load_checkpoint, read_manifest, write_checkpoint
 from .config import slice_hash
-from .encode import EncodeConfig, encode_token_shard
+from .encode import EncodeConfig, EncodeTarget, encode_shard_multi
 from .models import DTYPES, load_model, load_tokenizer, resolve_device, target_weights
 from .prune import magnitude_mask
 from .saes import check_compatible, load_sae
@@ -82,18 +83,30 @@ def compress(
 
 def encode(
     checkpoint: str,
-    sae_spec: dict[str, Any],
-    sae_path: str | None,
+    sae_specs: dict[str, dict[str, Any]],
+    sae_paths: dict[str, str],
     token_shard: str,
-    codes_path: str,
+    codes_dir: str,
     nll_path: str,
     model_name: str,
     model_params: dict[str, Any],
     encode_params: dict[str, Any],
-    metrics_path: str | None = None,
 ) -> dict[str, Any]:
+    """Encode one token shard with every SAE of the model: codes_dir/<sae name>.parquet each.
+
+    `sae_paths` gives the directory of SAEs that live on disk (the fixture's, or a
+    configured path); the others load by release and id.
+    """
     cfg = EncodeConfig(**encode_params)
     device = resolve_device(cfg.device)
+    # What the scheduler handed this job, beside what the code uses: a GPU job on a node
+    # without CUDA runs on CPU (e.g. SLURM sets CUDA_VISIBLE_DEVICES but no driver exists).
+    log.info(
+        "CUDA_VISIBLE_DEVICES=%s cuda_available=%s device=%s",
+        os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"),
+        torch.cuda.is_available(),
+        device,
+    )
     manifest = read_manifest(checkpoint)
     model = load_checkpoint(
         checkpoint,
@@ -101,24 +114,18 @@ def encode(
         device=device,
         attn_implementation=model_params.get("attn_implementation"),
     )
-    sae = load_sae(sae_spec, device=device, path=sae_path)
-    hook = check_compatible(model, sae)
+    targets = []
+    for name, spec in sae_specs.items():
+        sae = load_sae(spec, device=device, path=sae_paths.get(name))
+        hook = check_compatible(model, sae)
+        targets.append(EncodeTarget(sae, hook, Path(codes_dir) / f"{name}.parquet", name))
     meta = {
         "model": model_name,
         "variant": manifest["variant"],
-        "sae": str(
-            sae_path
-            or sae_spec.get("path")
-            or f"{sae_spec.get('release')}/{sae_spec.get('sae_id')}"
-        ),
-        "config_hash": slice_hash(model_params, sae_spec, encode_params, manifest["method"]),
+        "config_hash": slice_hash(model_params, sae_specs, encode_params, manifest["method"]),
     }
-    info = encode_token_shard(
-        model, sae, hook, token_shard, codes_path, nll_path, meta, cfg, device
-    )
+    info = encode_shard_multi(model, targets, token_shard, nll_path, meta, cfg, device)
     log.info("encoded: %s", info)
-    if metrics_path:
-        write_json(metrics_path, info)
     return info
 
 

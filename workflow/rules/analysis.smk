@@ -1,35 +1,41 @@
 # Per-feature statistics, correlations, perplexity and survival tables.
+# Paths with {model}/{sae}: one measurement basis (an SAE of a model); perplexity is per model.
 
 
 rule fp_stats:
     input:
-        lambda w: code_shards(w.model, "fp"),
+        lambda w: code_dirs(w.model, "fp"),
     output:
-        f"{R}/features/{{model}}/fp_stats.parquet",
+        f"{R}/features/{{model}}/{{sae}}/fp_stats.parquet",
+    log:
+        f"{R}/logs/fp_stats/{{model}}/{{sae}}.log",
+    benchmark:
+        f"{R}/benchmarks/fp_stats/{{model}}/{{sae}}.tsv"
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/fp_stats/{{model}}.log",
-    benchmark:
-        f"{R}/benchmarks/fp_stats/{{model}}.tsv"
+    params:
+        codes=lambda w: code_files(w.model, "fp", w.sae),
     shell:
-        "sae-audit stats --codes {input} --out {output} > {log} 2>&1"
+        "sae-audit stats --codes {params.codes} --out {output} > {log} 2>&1"
 
 
 rule correlate:
     input:
-        fp=lambda w: code_shards(w.model, "fp"),
-        variant=lambda w: code_shards(w.model, w.variant),
+        fp=lambda w: code_dirs(w.model, "fp"),
+        variant=lambda w: code_dirs(w.model, w.variant),
     output:
-        f"{R}/features/{{model}}/{{variant}}/correlation.parquet",
+        f"{R}/features/{{model}}/{{sae}}/{{variant}}/correlation.parquet",
+    log:
+        f"{R}/logs/correlate/{{model}}/{{sae}}/{{variant}}.log",
+    benchmark:
+        f"{R}/benchmarks/correlate/{{model}}/{{sae}}/{{variant}}.tsv"
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/correlate/{{model}}/{{variant}}.log",
-    benchmark:
-        f"{R}/benchmarks/correlate/{{model}}/{{variant}}.tsv"
+    params:
+        fp=lambda w: code_files(w.model, "fp", w.sae),
+        variant=lambda w: code_files(w.model, w.variant, w.sae),
     shell:
-        "sae-audit correlate --fp {input.fp} --variant {input.variant} --out {output} > {log} 2>&1"
+        "sae-audit correlate --fp {params.fp} --variant {params.variant} --out {output} > {log} 2>&1"
 
 
 rule sliding_perplexity:
@@ -38,6 +44,17 @@ rule sliding_perplexity:
         tokens=token_dir,
     output:
         f"{R}/perplexity/{{model}}/{{variant}}/sliding.json",
+    log:
+        f"{R}/logs/sliding_perplexity/{{model}}/{{variant}}.log",
+    benchmark:
+        f"{R}/benchmarks/sliding_perplexity/{{model}}/{{variant}}.tsv"
+    conda:
+        "../../envs/analysis.yaml"
+    threads: lambda w: model_cfg(w.model)["resources"]["threads"]
+    resources:
+        mem_mb=lambda w: model_cfg(w.model)["resources"]["mem_mb"],
+        runtime=lambda w: model_cfg(w.model)["resources"]["runtime"],
+        gpu=0 if config["encode"]["device"] == "cpu" else 1,
     params:
         tokenizer=tokenizer_source,
         tokens=lambda w: token_files(w.model),
@@ -47,14 +64,6 @@ rule sliding_perplexity:
             perplexity=config["perplexity"],
             encode=config["encode"],
         ),
-    resources:
-        gpu=0 if config["encode"]["device"] == "cpu" else 1,
-    conda:
-        "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/sliding_perplexity/{{model}}/{{variant}}.log",
-    benchmark:
-        f"{R}/benchmarks/sliding_perplexity/{{model}}/{{variant}}.tsv"
     shell:
         "sae-audit sliding-perplexity --params {params.cfg:q} --checkpoint {input.checkpoint} "
         "--tokens {params.tokens} --tokenizer {params.tokenizer} --out {output} > {log} 2>&1"
@@ -63,40 +72,45 @@ rule sliding_perplexity:
 rule perplexity:
     input:
         nll=lambda w: [p for v in ALL_VARIANTS for p in nll_shards(w.model, v)],
-        sliding=lambda w: [f"{R}/perplexity/{w.model}/{v}/sliding.json" for v in ALL_VARIANTS],
+        sliding=lambda w: list(sliding_files(w.model).values()),
     output:
         f"{R}/tables/{{model}}/perplexity.parquet",
-    params:
-        nll=lambda w: [f"{v}={p}" for v in ALL_VARIANTS for p in nll_shards(w.model, v)],
-        sliding=lambda w: [f"{v}={R}/perplexity/{w.model}/{v}/sliding.json" for v in ALL_VARIANTS],
-    conda:
-        "../../envs/analysis.yaml"
     log:
         f"{R}/logs/perplexity/{{model}}.log",
     benchmark:
         f"{R}/benchmarks/perplexity/{{model}}.tsv"
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        nll=lambda w: [f"{v}={p}" for v in ALL_VARIANTS for p in nll_shards(w.model, v)],
+        sliding=lambda w: [f"{v}={p}" for v, p in sliding_files(w.model).items()],
     shell:
         "sae-audit perplexity --nll {params.nll} --sliding {params.sliding} --out {output} > {log} 2>&1"
 
 
 rule survival:
     input:
-        fp_stats=f"{R}/features/{{model}}/fp_stats.parquet",
-        correlation=lambda w: [f"{R}/features/{w.model}/{v}/correlation.parquet" for v in VARIANTS],
+        fp_stats=f"{R}/features/{{model}}/{{sae}}/fp_stats.parquet",
+        correlation=lambda w: [
+            f"{R}/features/{w.model}/{w.sae}/{v}/correlation.parquet" for v in VARIANTS
+        ],
         perplexity=f"{R}/tables/{{model}}/perplexity.parquet",
     output:
-        features=f"{R}/tables/{{model}}/features.parquet",
-        summary=f"{R}/tables/{{model}}/survival.parquet",
-        csv=f"{R}/tables/{{model}}/survival.csv",
-    params:
-        correlation=lambda w: [f"{v}={R}/features/{w.model}/{v}/correlation.parquet" for v in VARIANTS],
-        cfg=dumps(config["analysis"]),
+        features=f"{R}/tables/{{model}}/{{sae}}/features.parquet",
+        summary=f"{R}/tables/{{model}}/{{sae}}/survival.parquet",
+        csv=f"{R}/tables/{{model}}/{{sae}}/survival.csv",
+    log:
+        f"{R}/logs/survival/{{model}}/{{sae}}.log",
+    benchmark:
+        f"{R}/benchmarks/survival/{{model}}/{{sae}}.tsv"
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/survival/{{model}}.log",
-    benchmark:
-        f"{R}/benchmarks/survival/{{model}}.tsv"
+    params:
+        correlation=lambda w: [
+            f"{v}={R}/features/{w.model}/{w.sae}/{v}/correlation.parquet"
+            for v in VARIANTS
+        ],
+        cfg=dumps(config["analysis"]),
     shell:
         "sae-audit survival --params {params.cfg:q} --fp-stats {input.fp_stats} "
         "--correlation {params.correlation} --perplexity {input.perplexity} "
@@ -105,100 +119,110 @@ rule survival:
 
 rule predict:
     input:
-        f"{R}/tables/{{model}}/features.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/features.parquet",
     output:
-        summary=f"{R}/tables/{{model}}/predict.parquet",
-        coefficients=f"{R}/tables/{{model}}/predict_coefficients.parquet",
-        oof=f"{R}/tables/{{model}}/predict_oof.parquet",
-        quantiles=f"{R}/tables/{{model}}/survival_by_quantile.parquet",
-    params:
-        cfg=dumps(config["predict"]),
-        out_dir=lambda w: f"{R}/tables/{w.model}",
+        summary=f"{R}/tables/{{model}}/{{sae}}/predict.parquet",
+        coefficients=f"{R}/tables/{{model}}/{{sae}}/predict_coefficients.parquet",
+        oof=f"{R}/tables/{{model}}/{{sae}}/predict_oof.parquet",
+        quantiles=f"{R}/tables/{{model}}/{{sae}}/survival_by_quantile.parquet",
+    log:
+        f"{R}/logs/predict/{{model}}/{{sae}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict/{{model}}/{{sae}}.tsv"
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/predict/{{model}}.log",
-    benchmark:
-        f"{R}/benchmarks/predict/{{model}}.tsv"
+    params:
+        cfg=dumps(config["predict"]),
+        out_dir=lambda w: f"{R}/tables/{w.model}/{w.sae}",
     shell:
         "sae-audit predict --params {params.cfg:q} --features {input} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule overlap:
     input:
-        f"{R}/tables/{{model}}/features.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/features.parquet",
     output:
-        f"{R}/tables/{{model}}/overlap.parquet",
-    params:
-        cfg=dumps(pairs=audit_config.overlap_pairs(config)),
+        f"{R}/tables/{{model}}/{{sae}}/overlap.parquet",
+    log:
+        f"{R}/logs/overlap/{{model}}/{{sae}}.log",
+    benchmark:
+        f"{R}/benchmarks/overlap/{{model}}/{{sae}}.tsv"
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/overlap/{{model}}.log",
-    benchmark:
-        f"{R}/benchmarks/overlap/{{model}}.tsv"
+    params:
+        cfg=dumps(pairs=audit_config.overlap_pairs(config)),
     shell:
         "sae-audit overlap --params {params.cfg:q} --features {input} --out {output} > {log} 2>&1"
 
 
 rule stability:
     input:
-        fp=lambda w: code_shards(w.model, "fp"),
-        codes=lambda w: [p for v in VARIANTS for p in code_shards(w.model, v)],
+        fp=lambda w: code_dirs(w.model, "fp"),
+        codes=lambda w: [d for v in VARIANTS for d in code_dirs(w.model, v)],
     output:
-        f"{R}/tables/{{model}}/stability.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/stability.parquet",
+    log:
+        f"{R}/logs/stability/{{model}}/{{sae}}.log",
+    benchmark:
+        f"{R}/benchmarks/stability/{{model}}/{{sae}}.tsv"
+    conda:
+        "../../envs/analysis.yaml"
     params:
-        codes=lambda w: [f"{v}={p}" for v in VARIANTS for p in code_shards(w.model, v)],
+        fp=lambda w: code_files(w.model, "fp", w.sae),
+        codes=lambda w: [
+            f"{v}={p}" for v in VARIANTS for p in code_files(w.model, v, w.sae)
+        ],
         cfg=lambda w: dumps(
             seq_len=model_cfg(w.model)["tokens"]["seq_len"],
             analysis=config["analysis"],
-            stability={k: config["stability"][k] for k in ("token_budgets", "subsets", "seed")},
+            stability={
+                k: config["stability"][k] for k in ("token_budgets", "subsets", "seed")
+            },
         ),
-    conda:
-        "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/stability/{{model}}.log",
-    benchmark:
-        f"{R}/benchmarks/stability/{{model}}.tsv"
     shell:
-        "sae-audit stability --params {params.cfg:q} --fp {input.fp} --codes {params.codes} --out {output} > {log} 2>&1"
+        "sae-audit stability --params {params.cfg:q} --fp {params.fp} --codes {params.codes} --out {output} > {log} 2>&1"
 
 
 rule threshold_grid:
     input:
-        f"{R}/tables/{{model}}/features.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/features.parquet",
     output:
-        f"{R}/tables/{{model}}/threshold_grid.parquet",
-    params:
-        cfg=dumps({k: config["stability"][k] for k in ("survived_grid", "destroyed_grid")}),
+        f"{R}/tables/{{model}}/{{sae}}/threshold_grid.parquet",
+    log:
+        f"{R}/logs/threshold_grid/{{model}}/{{sae}}.log",
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/threshold_grid/{{model}}.log",
+    params:
+        cfg=dumps(
+            {k: config["stability"][k] for k in ("survived_grid", "destroyed_grid")}
+        ),
     shell:
         "sae-audit threshold-grid --params {params.cfg:q} --features {input} --out {output} > {log} 2>&1"
 
 
 rule damaged_contexts:
     input:
-        features=f"{R}/tables/{{model}}/features.parquet",
-        fp=lambda w: code_shards(w.model, "fp"),
-        codes=lambda w: [p for v in VARIANTS for p in code_shards(w.model, v)],
+        features=f"{R}/tables/{{model}}/{{sae}}/features.parquet",
+        fp=lambda w: code_dirs(w.model, "fp"),
+        codes=lambda w: [d for v in VARIANTS for d in code_dirs(w.model, v)],
         tokens=token_dir,
         model=base_model_input,
     output:
-        parquet=f"{R}/tables/{{model}}/damaged_contexts.parquet",
-        csv=f"{R}/tables/{{model}}/damaged_contexts.csv",
+        parquet=f"{R}/tables/{{model}}/{{sae}}/damaged_contexts.parquet",
+        csv=f"{R}/tables/{{model}}/{{sae}}/damaged_contexts.csv",
+    log:
+        f"{R}/logs/damaged_contexts/{{model}}/{{sae}}.log",
+    conda:
+        "../../envs/analysis.yaml"
     params:
-        codes=lambda w: [f"{v}={p}" for v in VARIANTS for p in code_shards(w.model, v)],
+        fp=lambda w: code_files(w.model, "fp", w.sae),
+        codes=lambda w: [
+            f"{v}={p}" for v in VARIANTS for p in code_files(w.model, v, w.sae)
+        ],
         tokens=lambda w: token_files(w.model),
         tokenizer=tokenizer_source,
         cfg=dumps(config["inspect"]),
-    conda:
-        "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/damaged_contexts/{{model}}.log",
     shell:
-        "sae-audit contexts --params {params.cfg:q} --features {input.features} --fp {input.fp} "
+        "sae-audit contexts --params {params.cfg:q} --features {input.features} --fp {params.fp} "
         "--codes {params.codes} --tokens {params.tokens} --tokenizer {params.tokenizer} "
         "--out {output.parquet} > {log} 2>&1"

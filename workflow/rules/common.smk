@@ -1,5 +1,6 @@
 # Shared helpers: paths, per-model sources and the JSON config slices each rule passes.
 import json
+import re
 
 from sae_audit import config as audit_config
 from sae_audit.config import FIXTURE
@@ -11,7 +12,10 @@ ALL_VARIANTS = ["fp", *VARIANTS]
 
 
 wildcard_constraints:
-    model="|".join(MODELS),
+    model="|".join(re.escape(m) for m in MODELS),
+    sae="|".join(
+        sorted({re.escape(s) for m in MODELS for s in config["models"][m]["saes"]})
+    ),
     variant="[A-Za-z0-9.-]+",
     shard=r"\d+",
 
@@ -30,7 +34,9 @@ def shards(model):
 
 def dumps(*slices, **named):
     """A config slice as compact JSON: what a rule passes in params (and so what re-runs it)."""
-    return json.dumps(named if named else slices[0], sort_keys=True, separators=(",", ":"))
+    return json.dumps(
+        named if named else slices[0], sort_keys=True, separators=(",", ":")
+    )
 
 
 def fixture_model_dir():
@@ -48,15 +54,19 @@ def base_model_input(wildcards):
     return [fixture_model_dir()] if source == FIXTURE else []
 
 
-def sae_dir_input(wildcards):
-    spec = model_cfg(wildcards.model)["sae"]
-    if spec.get("source") == FIXTURE:
-        return [f"{R}/fixture/sae"]
-    return [spec["path"]] if "path" in spec else []
+def sae_dirs(model):
+    """SAEs of a model that live on disk, name -> directory (the fixture's, or a configured path)."""
+    dirs = {}
+    for name, spec in model_cfg(model)["saes"].items():
+        if spec.get("source") == FIXTURE:
+            dirs[name] = f"{R}/fixture/sae"
+        elif "path" in spec:
+            dirs[name] = spec["path"]
+    return dirs
 
 
-def sae_path_arg(wildcards, input):
-    return f"--sae-path {input.sae[0]}" if input.sae else ""
+def saes(model):
+    return audit_config.sae_names(config, model)
 
 
 def tokenizer_source(wildcards):
@@ -78,31 +88,43 @@ def token_files(model):
     return [f"{R}/tokens/{model}/shard-{s}.parquet" for s in shards(model)]
 
 
-def code_shards(model, variant):
-    return expand(f"{R}/codes/{model}/{variant}/shard-{{shard}}.parquet", shard=shards(model))
+def code_dirs(model, variant):
+    """One directory per token shard, holding one code shard per SAE of the model."""
+    return [f"{R}/codes/{model}/{variant}/shard-{s}" for s in shards(model)]
+
+
+def code_files(model, variant, sae):
+    return [f"{d}/{sae}.parquet" for d in code_dirs(model, variant)]
 
 
 def nll_shards(model, variant):
-    return expand(f"{R}/nll/{model}/{variant}/shard-{{shard}}.parquet", shard=shards(model))
+    return expand(
+        f"{R}/nll/{model}/{variant}/shard-{{shard}}.parquet", shard=shards(model)
+    )
 
 
 def all_targets():
     targets = []
     for model in MODELS:
-        targets += [
-            f"{R}/tables/{model}/{name}.parquet"
-            for name in (
-                "survival",
-                "perplexity",
-                "predict",
-                "overlap",
-                "stability",
-                "threshold_grid",
-                "damaged_contexts",
-            )
-        ]
-        targets += figure_targets(model)
+        targets.append(f"{R}/tables/{model}/perplexity.parquet")
+        for sae in saes(model):
+            targets += basis_targets(model, sae)
     return targets
+
+
+def basis_targets(model, sae):
+    """Tables, figures and report items of one (model, SAE) measurement basis."""
+    return [
+        f"{R}/tables/{model}/{sae}/{name}.parquet"
+        for name in (
+            "survival",
+            "predict",
+            "overlap",
+            "stability",
+            "threshold_grid",
+            "damaged_contexts",
+        )
+    ] + figure_targets(model, sae)
 
 
 def matched_input(wildcards):
@@ -111,11 +133,13 @@ def matched_input(wildcards):
     return []
 
 
-def figure_targets(model):
-    """Every figure of one model and the report's tables (HTML to view, CSV to download)."""
-    figures = [f"{R}/figures/{model}/{name}.png" for name in FIGURES]
+def figure_targets(model, sae):
+    """Every figure of one basis and the report's tables (HTML to view, CSV to download)."""
+    figures = [f"{R}/figures/{model}/{sae}/{name}.png" for name in FIGURES]
     tables = [
-        f"{R}/report/{model}/{t}.{ext}" for t in REPORT_TABLES for ext in ("html", "csv")
+        f"{R}/report/{model}/{sae}/{t}.{ext}"
+        for t in REPORT_TABLES
+        for ext in ("html", "csv")
     ]
     return figures + tables
 
@@ -143,3 +167,17 @@ REPORT_TABLES = [
     "threshold_grid",
     "damaged_contexts",
 ]
+
+
+def report_table_source(model, sae, table):
+    """Perplexity is one table per model; every other report table is per (model, SAE)."""
+    if table == "perplexity":
+        return f"{R}/tables/{model}/perplexity.parquet"
+    return f"{R}/tables/{model}/{sae}/{table}.parquet"
+
+
+def sliding_files(model):
+    """Sliding-window perplexity results per variant, when that evaluation is on."""
+    if not config["perplexity"]["sliding"]:
+        return {}
+    return {v: f"{R}/perplexity/{model}/{v}/sliding.json" for v in ALL_VARIANTS}

@@ -7,16 +7,22 @@ rule compress:
         matched=matched_input,
     output:
         directory(f"{R}/checkpoints/{{model}}/{{variant}}"),
-    params:
-        base=base_model,
-        matched=lambda w, input: f"--matched {input.matched[0]}" if input.matched else "",
-        cfg=lambda w: dumps(model_cfg(w.model)["model"]),
-    conda:
-        "../../envs/torch.yaml"
     log:
         f"{R}/logs/compress/{{model}}/{{variant}}.log",
     benchmark:
         f"{R}/benchmarks/compress/{{model}}/{{variant}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: lambda w: model_cfg(w.model)["resources"]["threads"]
+    resources:
+        mem_mb=lambda w: model_cfg(w.model)["resources"]["mem_mb"],
+        runtime=lambda w: model_cfg(w.model)["resources"]["runtime"],
+    params:
+        base=base_model,
+        matched=lambda w, input: (
+            f"--matched {input.matched[0]}" if input.matched else ""
+        ),
+        cfg=lambda w: dumps(model_cfg(w.model)["model"]),
     shell:
         "sae-audit compress --params {params.cfg:q} --base {params.base} --variant {wildcards.variant} "
         "{params.matched} --out {output} > {log} 2>&1"
@@ -29,21 +35,28 @@ rule match_sparsity:
         target_nll=lambda w: nll_shards(w.model, w.target),
     output:
         f"{R}/matched/{{model}}/prune-matched-{{target}}.json",
+    log:
+        f"{R}/logs/match_sparsity/{{model}}/{{target}}.log",
+    benchmark:
+        f"{R}/benchmarks/match_sparsity/{{model}}/{{target}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: lambda w: model_cfg(w.model)["resources"]["threads"]
+    resources:
+        mem_mb=lambda w: model_cfg(w.model)["resources"]["mem_mb"],
+        runtime=lambda w: model_cfg(w.model)["resources"]["runtime"],
     params:
         base=base_model,
         tokens=lambda w: token_files(w.model),
         cfg=lambda w: dumps(
             model=model_cfg(w.model)["model"],
-            matched={k: v for k, v in config["compression"]["prune"]["matched"].items() if k != "targets"},
+            matched={
+                k: v
+                for k, v in config["compression"]["prune"]["matched"].items()
+                if k != "targets"
+            },
             encode=config["encode"],
         ),
-    threads: 2
-    conda:
-        "../../envs/torch.yaml"
-    log:
-        f"{R}/logs/match_sparsity/{{model}}/{{target}}.log",
-    benchmark:
-        f"{R}/benchmarks/match_sparsity/{{model}}/{{target}}.tsv"
     shell:
         "sae-audit match-sparsity --params {params.cfg:q} --base {params.base} --target {wildcards.target} "
         "--target-nll {input.target_nll} --tokens {params.tokens} --out {output} > {log} 2>&1"

@@ -5,26 +5,31 @@ rule encode:
     input:
         checkpoint=f"{R}/checkpoints/{{model}}/{{variant}}",
         tokens=token_dir,
-        sae=sae_dir_input,
+        saes=lambda w: list(sae_dirs(w.model).values()),
     output:
-        codes=f"{R}/codes/{{model}}/{{variant}}/shard-{{shard}}.parquet",
+        codes=directory(f"{R}/codes/{{model}}/{{variant}}/shard-{{shard}}"),
         nll=f"{R}/nll/{{model}}/{{variant}}/shard-{{shard}}.parquet",
-    params:
-        sae_path=sae_path_arg,
-        cfg=lambda w: dumps(
-            model=model_cfg(w.model)["model"],
-            sae=model_cfg(w.model)["sae"],
-            encode=config["encode"],
-        ),
-    resources:
-        gpu=0 if config["encode"]["device"] == "cpu" else 1,
-    conda:
-        "../../envs/torch.yaml"
     log:
         f"{R}/logs/encode/{{model}}/{{variant}}/shard-{{shard}}.log",
     benchmark:
         f"{R}/benchmarks/encode/{{model}}/{{variant}}/shard-{{shard}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: lambda w: model_cfg(w.model)["resources"]["threads"]
+    resources:
+        mem_mb=lambda w: model_cfg(w.model)["resources"]["mem_mb"],
+        runtime=lambda w: model_cfg(w.model)["resources"]["runtime"],
+        gpu=0 if config["encode"]["device"] == "cpu" else 1,
+    params:
+        sae_paths=lambda w: [
+            f"{name}={path}" for name, path in sae_dirs(w.model).items()
+        ],
+        cfg=lambda w: dumps(
+            model=model_cfg(w.model)["model"],
+            saes=model_cfg(w.model)["saes"],
+            encode=config["encode"],
+        ),
     shell:
-        "sae-audit encode --params {params.cfg:q} --checkpoint {input.checkpoint} {params.sae_path} "
-        "--tokens {input.tokens}/shard-{wildcards.shard}.parquet --codes {output.codes} --nll {output.nll} "
+        "sae-audit encode --params {params.cfg:q} --checkpoint {input.checkpoint} --sae-path {params.sae_paths} "
+        "--tokens {input.tokens}/shard-{wildcards.shard}.parquet --codes-dir {output.codes} --nll {output.nll} "
         "--model-name {wildcards.model} > {log} 2>&1"

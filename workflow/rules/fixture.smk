@@ -5,14 +5,14 @@ rule fixture_corpus:
     output:
         train=f"{R}/fixture/corpus/train.txt",
         heldout=f"{R}/fixture/corpus/heldout.txt",
-    params:
-        cfg=dumps(config["fixture"]["corpus"]),
-    conda:
-        "../../envs/torch.yaml"
     log:
         f"{R}/logs/fixture_corpus.log",
     benchmark:
         f"{R}/benchmarks/fixture_corpus.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        cfg=dumps(config["fixture"]["corpus"]),
     shell:
         "sae-audit fixture-corpus --params {params.cfg:q} --train {output.train} --heldout {output.heldout} > {log} 2>&1"
 
@@ -22,14 +22,14 @@ rule fixture_tokenizer:
         train=rules.fixture_corpus.output.train,
     output:
         directory(f"{R}/fixture/tokenizer"),
-    params:
-        cfg=dumps(config["fixture"]["tokenizer"]),
-    conda:
-        "../../envs/torch.yaml"
     log:
         f"{R}/logs/fixture_tokenizer.log",
     benchmark:
         f"{R}/benchmarks/fixture_tokenizer.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        cfg=dumps(config["fixture"]["tokenizer"]),
     shell:
         "sae-audit fixture-tokenizer --params {params.cfg:q} --train {input.train} --out {output} > {log} 2>&1"
 
@@ -41,15 +41,15 @@ rule fixture_model:
         heldout=rules.fixture_corpus.output.heldout,
     output:
         directory(f"{R}/fixture/model"),
-    params:
-        cfg=dumps(config["fixture"]["model"]),
-    threads: 2
-    conda:
-        "../../envs/torch.yaml"
     log:
         f"{R}/logs/fixture_model.log",
     benchmark:
         f"{R}/benchmarks/fixture_model.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    params:
+        cfg=dumps(config["fixture"]["model"]),
     shell:
         "sae-audit fixture-model --params {params.cfg:q} --tokenizer {input.tokenizer} "
         "--train {input.train} --heldout {input.heldout} --out {output} > {log} 2>&1"
@@ -61,14 +61,14 @@ rule fixture_sae:
         train=rules.fixture_corpus.output.train,
     output:
         directory(f"{R}/fixture/sae"),
-    params:
-        cfg=dumps(config["fixture"]["sae"]),
-    threads: 2
-    conda:
-        "../../envs/torch.yaml"
     log:
         f"{R}/logs/fixture_sae.log",
     benchmark:
         f"{R}/benchmarks/fixture_sae.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    params:
+        cfg=dumps(config["fixture"]["sae"]),
     shell:
         "sae-audit fixture-sae --params {params.cfg:q} --model {input.model} --train {input.train} --out {output} > {log} 2>&1"

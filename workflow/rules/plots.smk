@@ -21,36 +21,36 @@ localrules:
 
 rule plot_class_fractions_vs_bits:
     input:
-        f"{R}/tables/{{model}}/survival.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/survival.parquet",
     output:
         report(
-            f"{R}/figures/{{model}}/class_fractions_vs_bits.png",
+            f"{R}/figures/{{model}}/{{sae}}/class_fractions_vs_bits.png",
             caption="../report/class_fractions_vs_bits.rst",
             category="1. Feature survival",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
         ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/class_fractions_vs_bits.log",
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/plots/{{model}}/class_fractions_vs_bits.log",
     shell:
         "sae-audit plot class_fractions_vs_bits --inputs {input} --out {output} > {log} 2>&1"
 
 
 rule plot_correlation_histograms:
     input:
-        f"{R}/tables/{{model}}/features.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/features.parquet",
     output:
         report(
-            f"{R}/figures/{{model}}/correlation_histograms.png",
+            f"{R}/figures/{{model}}/{{sae}}/correlation_histograms.png",
             caption="../report/correlation_histograms.rst",
             category="1. Feature survival",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
         ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/correlation_histograms.log",
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/plots/{{model}}/correlation_histograms.log",
     shell:
         "sae-audit plot correlation_histograms --inputs {input} --out {output} > {log} 2>&1"
 
@@ -60,143 +60,143 @@ rule plot_perplexity_vs_bits:
         f"{R}/tables/{{model}}/perplexity.parquet",
     output:
         report(
-            f"{R}/figures/{{model}}/perplexity_vs_bits.png",
+            f"{R}/figures/{{model}}/{{sae}}/perplexity_vs_bits.png",
             caption="../report/perplexity_vs_bits.rst",
             category="2. Perplexity",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
         ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/perplexity_vs_bits.log",
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/plots/{{model}}/perplexity_vs_bits.log",
     shell:
         "sae-audit plot perplexity_vs_bits --inputs {input} --out {output} > {log} 2>&1"
 
 
 rule plot_perplexity_vs_damage:
     input:
-        f"{R}/tables/{{model}}/survival.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/survival.parquet",
     output:
         report(
-            f"{R}/figures/{{model}}/perplexity_vs_damage.png",
+            f"{R}/figures/{{model}}/{{sae}}/perplexity_vs_damage.png",
             caption="../report/perplexity_vs_damage.rst",
             category="2. Perplexity",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
         ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/perplexity_vs_damage.log",
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/plots/{{model}}/perplexity_vs_damage.log",
     shell:
         "sae-audit plot perplexity_vs_damage --inputs {input} --out {output} > {log} 2>&1"
 
 
 rule plot_roc_curves:
     input:
-        f"{R}/tables/{{model}}/predict_oof.parquet",
-        f"{R}/tables/{{model}}/predict.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/predict_oof.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/predict.parquet",
     output:
         report(
-            f"{R}/figures/{{model}}/roc_curves.png",
+            f"{R}/figures/{{model}}/{{sae}}/roc_curves.png",
             caption="../report/roc_curves.rst",
             category="3. Survival predictor",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
         ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/roc_curves.log",
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/plots/{{model}}/roc_curves.log",
     shell:
         "sae-audit plot roc_curves --inputs {input} --out {output} > {log} 2>&1"
 
 
 rule plot_coefficients:
     input:
-        f"{R}/tables/{{model}}/predict_coefficients.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/predict_coefficients.parquet",
     output:
         report(
-            f"{R}/figures/{{model}}/coefficients.png",
+            f"{R}/figures/{{model}}/{{sae}}/coefficients.png",
             caption="../report/coefficients.rst",
             category="3. Survival predictor",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
         ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/coefficients.log",
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/plots/{{model}}/coefficients.log",
     shell:
         "sae-audit plot coefficients --inputs {input} --out {output} > {log} 2>&1"
 
 
 rule plot_survival_by_quartile:
     input:
-        f"{R}/tables/{{model}}/survival_by_quantile.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/survival_by_quantile.parquet",
     output:
         report(
-            f"{R}/figures/{{model}}/survival_by_quartile.png",
+            f"{R}/figures/{{model}}/{{sae}}/survival_by_quartile.png",
             caption="../report/survival_by_quartile.rst",
             category="3. Survival predictor",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
         ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/survival_by_quartile.log",
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/plots/{{model}}/survival_by_quartile.log",
     shell:
         "sae-audit plot survival_by_quartile --inputs {input} --out {output} > {log} 2>&1"
 
 
 rule plot_survival_by_firing_rate_decile:
     input:
-        f"{R}/tables/{{model}}/survival_by_quantile.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/survival_by_quantile.parquet",
     output:
         report(
-            f"{R}/figures/{{model}}/survival_by_firing_rate_decile.png",
+            f"{R}/figures/{{model}}/{{sae}}/survival_by_firing_rate_decile.png",
             caption="../report/survival_by_firing_rate_decile.rst",
             category="3. Survival predictor",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
         ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/survival_by_firing_rate_decile.log",
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/plots/{{model}}/survival_by_firing_rate_decile.log",
     shell:
         "sae-audit plot survival_by_firing_rate_decile --inputs {input} --out {output} > {log} 2>&1"
 
 
 rule plot_rtn_vs_pruning_scatter:
     input:
-        f"{R}/tables/{{model}}/features.parquet",
-        f"{R}/tables/{{model}}/overlap.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/features.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/overlap.parquet",
     output:
         report(
-            f"{R}/figures/{{model}}/rtn_vs_pruning_scatter.png",
+            f"{R}/figures/{{model}}/{{sae}}/rtn_vs_pruning_scatter.png",
             caption="../report/rtn_vs_pruning_scatter.rst",
             category="4. RTN vs pruning",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
         ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/rtn_vs_pruning_scatter.log",
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/plots/{{model}}/rtn_vs_pruning_scatter.log",
     shell:
         "sae-audit plot rtn_vs_pruning_scatter --inputs {input} --out {output} > {log} 2>&1"
 
 
 rule plot_stability:
     input:
-        f"{R}/tables/{{model}}/stability.parquet",
+        f"{R}/tables/{{model}}/{{sae}}/stability.parquet",
     output:
         report(
-            f"{R}/figures/{{model}}/stability.png",
+            f"{R}/figures/{{model}}/{{sae}}/stability.png",
             caption="../report/stability.rst",
             category="5. Stability",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
         ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/stability.log",
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/plots/{{model}}/stability.log",
     shell:
         "sae-audit plot stability --inputs {input} --out {output} > {log} 2>&1"
 
@@ -205,28 +205,28 @@ rule plot_stability:
 # (the report only renders images, PDF and HTML) and a CSV to download.
 rule report_tables:
     input:
-        f"{R}/tables/{{model}}/{{table}}.parquet",
+        lambda w: report_table_source(w.model, w.sae, w.table),
     output:
         html=report(
-            f"{R}/report/{{model}}/{{table}}.html",
+            f"{R}/report/{{model}}/{{sae}}/{{table}}.html",
             caption="../report/tables.rst",
             category="6. Tables",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
             labels={"table": "{table}"},
         ),
         csv=report(
-            f"{R}/report/{{model}}/{{table}}.csv",
+            f"{R}/report/{{model}}/{{sae}}/{{table}}.csv",
             caption="../report/tables.rst",
             category="7. Tables (CSV download)",
-            subcategory="{model}",
+            subcategory="{model} / {sae}",
             labels={"table": "{table}"},
         ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/report_table_{{table}}.log",
     wildcard_constraints:
         table="|".join(REPORT_TABLES),
     conda:
         "../../envs/analysis.yaml"
-    log:
-        f"{R}/logs/plots/{{model}}/report_table_{{table}}.log",
     shell:
         "(sae-audit plot report_table --inputs {input} --out {output.html} && "
         "sae-audit plot report_table --inputs {input} --out {output.csv}) > {log} 2>&1"

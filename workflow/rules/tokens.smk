@@ -8,16 +8,18 @@ rule tokenize:
         model=base_model_input,
     output:
         directory(f"{R}/tokens/{{model}}"),
-    params:
-        tokenizer=tokenizer_source,
-        out=lambda w, output: [f"{output[0]}/shard-{s}.parquet" for s in shards(w.model)],
-        cfg=lambda w: dumps(model_cfg(w.model)["tokens"]),
-    conda:
-        "../../envs/torch.yaml"
     log:
         f"{R}/logs/tokenize/{{model}}.log",
     benchmark:
         f"{R}/benchmarks/tokenize/{{model}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        tokenizer=tokenizer_source,
+        out=lambda w, output: [
+            f"{output[0]}/shard-{s}.parquet" for s in shards(w.model)
+        ],
+        cfg=lambda w: dumps(model_cfg(w.model)["tokens"]),
     shell:
         "sae-audit tokenize --params {params.cfg:q} --tokenizer {params.tokenizer} "
         "--text {input.text} --out {params.out} > {log} 2>&1"
