@@ -342,6 +342,36 @@ def _contexts(a: argparse.Namespace) -> Any:
 
 
 @command(
+    "reference",
+    lambda p: (
+        p.add_argument("--reference", required=True, help="published results (CSV)"),
+        p.add_argument("--tables-dir", required=True),
+        p.add_argument("--perplexity", required=True),
+        p.add_argument("--out", required=True),
+    ),
+)
+def _reference(a: argparse.Namespace) -> Any:
+    from .stages import reference_comparison
+
+    return reference_comparison(a.reference, a.tables_dir, a.perplexity, a.out).height
+
+
+@command(
+    "prefetch",
+    lambda p: (
+        p.add_argument("--configfile", required=True),
+        p.add_argument("--dry-run", "-n", action="store_true", help="list what would be fetched"),
+    ),
+)
+def _prefetch(a: argparse.Namespace) -> Any:
+    from . import config
+    from .prefetch import fetch, plan
+
+    cfg = config.load(a.configfile)
+    return [item.__dict__ for item in plan(cfg)] if a.dry_run else fetch(cfg)
+
+
+@command(
     "plot",
     lambda p: (
         p.add_argument("figure", help="name of a function in sae_audit.plots"),

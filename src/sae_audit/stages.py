@@ -470,3 +470,20 @@ def contexts(
     write_parquet(table, out_path)
     table.write_csv(Path(out_path).with_suffix(".csv"))
     return table
+
+
+def reference_comparison(
+    reference_csv: str, tables_dir: str, perplexity_path: str, out_path: str
+) -> pl.DataFrame:
+    from .reference import compare
+
+    tables = Path(tables_dir)
+    table = compare(
+        reference_csv,
+        pl.read_parquet(tables / "survival.parquet"),
+        pl.read_parquet(perplexity_path),
+        pl.read_parquet(tables / "predict.parquet"),
+        pl.read_parquet(tables / "overlap.parquet"),
+    )
+    write_parquet(table, out_path)
+    return table

@@ -226,3 +226,23 @@ rule damaged_contexts:
         "sae-audit contexts --params {params.cfg:q} --features {input.features} --fp {params.fp} "
         "--codes {params.codes} --tokens {params.tokens} --tokenizer {params.tokenizer} "
         "--out {output.parquet} > {log} 2>&1"
+
+
+rule reference_comparison:
+    input:
+        reference=lambda w: reference_path(w.model),
+        survival=f"{R}/tables/{{model}}/{{sae}}/survival.parquet",
+        predict=f"{R}/tables/{{model}}/{{sae}}/predict.parquet",
+        overlap=f"{R}/tables/{{model}}/{{sae}}/overlap.parquet",
+        perplexity=f"{R}/tables/{{model}}/perplexity.parquet",
+    output:
+        f"{R}/tables/{{model}}/{{sae}}/reference_comparison.parquet",
+    log:
+        f"{R}/logs/reference_comparison/{{model}}/{{sae}}.log",
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        tables=lambda w: f"{R}/tables/{w.model}/{w.sae}",
+    shell:
+        "sae-audit reference --reference {input.reference} --tables-dir {params.tables} "
+        "--perplexity {input.perplexity} --out {output} > {log} 2>&1"

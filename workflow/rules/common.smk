@@ -1,6 +1,7 @@
 # Shared helpers: paths, per-model sources and the JSON config slices each rule passes.
 import json
 import re
+from pathlib import Path
 
 from sae_audit import config as audit_config
 from sae_audit.config import FIXTURE
@@ -138,10 +139,16 @@ def figure_targets(model, sae):
     figures = [f"{R}/figures/{model}/{sae}/{name}.png" for name in FIGURES]
     tables = [
         f"{R}/report/{model}/{sae}/{t}.{ext}"
-        for t in REPORT_TABLES
+        for t in report_tables(model)
         for ext in ("html", "csv")
     ]
     return figures + tables
+
+
+def report_tables(model):
+    """The report's tables; with published results configured, the comparison too."""
+    extra = ["reference_comparison"] if model_cfg(model).get("reference") else []
+    return REPORT_TABLES + extra
 
 
 # One rule plot_NAME in plots.smk, one function sae_audit.plots.NAME and one
@@ -181,3 +188,11 @@ def sliding_files(model):
     if not config["perplexity"]["sliding"]:
         return {}
     return {v: f"{R}/perplexity/{model}/{v}/sliding.json" for v in ALL_VARIANTS}
+
+
+def reference_path(model):
+    """Published results CSV; a relative path may also be relative to the workflow (config/reference/)."""
+    path = Path(model_cfg(model)["reference"])
+    if not path.is_absolute() and not path.exists():
+        path = Path(workflow.basedir) / path
+    return str(path)

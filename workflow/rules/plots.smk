@@ -224,7 +224,7 @@ rule report_tables:
     log:
         f"{R}/logs/plots/{{model}}/{{sae}}/report_table_{{table}}.log",
     wildcard_constraints:
-        table="|".join(REPORT_TABLES),
+        table="|".join([*REPORT_TABLES, "reference_comparison"]),
     conda:
         "../../envs/analysis.yaml"
     shell:
