@@ -108,3 +108,56 @@ def test_schema_is_the_workflow_schema():
     assert (ROOT / "workflow/schemas/config.schema.yaml").resolve() == (
         ROOT / "src/sae_audit/config.schema.yaml"
     ).resolve()
+
+
+def planned_wildcards(proc: subprocess.CompletedProcess) -> list[str]:
+    return [
+        line.strip()
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if line.strip().startswith("wildcards:")
+    ]
+
+
+@pytest.mark.slow
+def test_changing_the_token_budget_reruns_tokenize_and_downstream(
+    finished_run: Path, tmp_path: Path
+):
+    config = edited_config(
+        tmp_path, "budget", lambda c: c["models"]["fixture"]["tokens"].update(n_sequences=80)
+    )
+    jobs = planned_jobs(snakemake(finished_run, config, "-n"))
+    assert jobs["tokenize"] == 1
+    assert jobs["encode"] == 2 * 6  # every (variant, shard): fp, 3 RTN, matched, null
+    assert jobs["survival"] == 1 and jobs["match_sparsity"] == 1
+    assert not {"fixture_model", "fixture_sae", "fixture_corpus"} & set(jobs)
+
+
+@pytest.mark.slow
+def test_adding_a_model_adds_only_its_jobs(finished_run: Path, tmp_path: Path):
+    def add(c):
+        c["models"]["fixture_short"] = {
+            **c["models"]["fixture"],
+            "tokens": {**c["models"]["fixture"]["tokens"], "seq_len": 32},
+        }
+
+    proc = snakemake(finished_run, edited_config(tmp_path, "two_models", add), "-n")
+    wildcards = planned_wildcards(proc)
+    assert wildcards and all("model=fixture_short" in w for w in wildcards if "model=" in w)
+    assert planned_jobs(proc)["encode"] == 2 * 6
+
+
+@pytest.mark.slow
+def test_a_failed_job_reruns_alone_with_what_depends_on_it(finished_run: Path, tmp_path: Path):
+    # A killed encode job leaves no output (shards are written under a temporary name and
+    # renamed): simulate it on a copy of the finished run by removing one shard's output.
+    import shutil
+
+    work = tmp_path / "resume"
+    shutil.copytree(finished_run, work, symlinks=True, copy_function=shutil.copy2)
+    shutil.rmtree(work / "results/codes/fixture/rtn-int4/shard-001")
+    jobs = planned_jobs(snakemake(work, TEST_CONFIG, "-n"))
+    assert jobs["encode"] == 1
+    assert jobs["correlate"] == 1 and "compress" not in jobs and "tokenize" not in jobs
+    assert "sliding_perplexity" not in jobs
+    snakemake(work, TEST_CONFIG)  # the same command resumes and completes
+    assert planned_jobs(snakemake(work, TEST_CONFIG, "-n")) == {}
