@@ -14,17 +14,13 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import torch
-from tqdm import tqdm
 
-from .checkpoints import load_checkpoint, read_manifest, write_checkpoint
 from .config import slice_hash
-from .encode import EncodeConfig, EncodeTarget, encode_shard_multi
-from .models import DTYPES, load_model, load_tokenizer, resolve_device, target_weights
-from .prune import magnitude_mask
-from .saes import check_compatible, load_sae
 from .tokens import TokenSetConfig, build_token_set, load_token_ids
 from .variants import parse_variant
+
+# Model-side stages import torch, transformers and sae-lens inside the function: the
+# table stages run in their own processes and should not pay seconds to import them.
 
 log = logging.getLogger("sae_audit")
 
@@ -45,6 +41,7 @@ def tokenize(
     `text_paths` are the local input files (`tokens.paths`, or the fixture's
     held-out text); empty for `source: hf`.
     """
+    from .models import load_tokenizer
     from .tokens import load_documents
 
     cfg = TokenSetConfig.from_dict(params)
@@ -63,6 +60,8 @@ def compress(
     out_dir: str,
     matched_json: str | None = None,
 ) -> Path:
+    from .checkpoints import read_manifest, write_checkpoint
+
     sparsity = None
     extra: dict[str, Any] = {}
     if matched_json is not None:
@@ -97,6 +96,13 @@ def encode(
     `sae_paths` gives the directory of SAEs that live on disk (the fixture's, or a
     configured path); the others load by release and id.
     """
+    import torch
+
+    from .checkpoints import load_checkpoint, read_manifest
+    from .encode import EncodeConfig, EncodeTarget, encode_shard_multi
+    from .models import resolve_device
+    from .saes import check_compatible, load_sae
+
     cfg = EncodeConfig(**encode_params)
     device = resolve_device(cfg.device)
     # What the scheduler handed this job, beside what the code uses: a GPU job on a node
@@ -152,8 +158,13 @@ def match_sparsity(
     The target's perplexity comes from its encode NLL shards (no second forward pass),
     restricted to the same sequences the search evaluates.
     """
+    import torch
+    from tqdm import tqdm
+
     from .encode import token_nll
     from .matched import MatchedConfig, bisect_sparsity
+    from .models import DTYPES, load_model, resolve_device, target_weights
+    from .prune import magnitude_mask
 
     cfg = MatchedConfig(
         target=target,
@@ -235,6 +246,10 @@ def sliding_perplexity(
     A BOS that the token set put at the start of every sequence is dropped first,
     so the stream is the text itself; the evaluation adds its own BOS per window.
     """
+    import torch
+
+    from .checkpoints import load_checkpoint, read_manifest
+    from .models import load_tokenizer, resolve_device
     from .perplexity import sliding_window_nll
 
     model_params, ppl, enc = params["model"], params["perplexity"], params["encode"]
@@ -457,6 +472,7 @@ def contexts(
     out_path: str,
 ) -> pl.DataFrame:
     from .contexts import ContextConfig, damaged_contexts
+    from .models import load_tokenizer
 
     features = pl.read_parquet(features_path).filter(pl.col("variant").is_in(list(variant_codes)))
     table = damaged_contexts(
