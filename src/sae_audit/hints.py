@@ -21,9 +21,8 @@ HINTS: tuple[tuple[str, str], ...] = (
 )
 
 
-def explain(log_path: str | Path | None) -> list[str]:
-    """Hints whose trigger appears in the Snakemake log."""
-    if not log_path or not Path(log_path).exists():
-        return []
-    text = Path(log_path).read_text(errors="replace")
+def explain(logs: str | Path | list[str | Path] | None) -> list[str]:
+    """Hints whose trigger appears in the Snakemake log(s) (Snakemake 9 passes a list)."""
+    paths = [logs] if isinstance(logs, str | Path) else list(logs or [])
+    text = "".join(Path(p).read_text(errors="replace") for p in paths if Path(p).is_file())
     return [hint for trigger, hint in HINTS if trigger in text]
