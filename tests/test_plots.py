@@ -450,7 +450,7 @@ def test_every_figure_has_function_rule_and_caption():
         body = rule[1]
         assert f"sae-audit plot {name} " in body
         assert f'caption="../report/{name}.rst"' in body
-        assert f"logs/plots/{{{{model}}}}/{name}.log" in body
+        assert f"logs/plots/{{{{model}}}}/{{{{sae}}}}/{name}.log" in body
         assert 'conda:\n        "../../envs/analysis.yaml"' in body
         caption = ROOT / "workflow" / "report" / f"{name}.rst"
         assert caption.is_file() and len(caption.read_text().split()) > 40, caption

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 Handler = Callable[[argparse.Namespace], Any]
-_COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None]]] = {}
+_COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], object]]] = {}
 
 
 def command(
-    name: str, args: Callable[[argparse.ArgumentParser], None]
+    name: str, args: Callable[[argparse.ArgumentParser], object]
 ) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
         _COMMANDS[name] = (fn, args)

@@ -14,8 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
+from jsonschema import validators
 
 from .hooknames import HOOK_PATTERN, SUPPORTED
 from .variants import parse_variant, prune_name, rtn_name
@@ -38,16 +38,16 @@ class ConfigError(ValueError):
 
 def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     """Validate (filling schema defaults) and cross-check; raise ConfigError naming the key."""
-    config = json.loads(json.dumps(config))  # plain, mutable copy
-    validator_cls = jsonschema.validators.validator_for(load_schema())
+    plain: dict[str, Any] = json.loads(json.dumps(config))  # a plain, mutable copy
+    validator_cls = validators.validator_for(load_schema())
     validator = _with_defaults(validator_cls)(load_schema())
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator.iter_errors(plain), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
         key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
         raise ConfigError(f"config key '{key}': {err.message}")
-    _cross_check(config)
-    return config
+    _cross_check(plain)
+    return plain
 
 
 def _with_defaults(validator_cls: Any) -> Any:
@@ -61,7 +61,7 @@ def _with_defaults(validator_cls: Any) -> Any:
                     instance.setdefault(prop, json.loads(json.dumps(sub["default"])))
         yield from validate_properties(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+    return validators.extend(validator_cls, {"properties": set_defaults})
 
 
 def _cross_check(config: dict[str, Any]) -> None:

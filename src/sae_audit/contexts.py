@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ def render_context(ids: np.ndarray, token: int, seq_len: int, window: int, token
 def damaged_contexts(
     features: pl.DataFrame,
     fp_paths: Sequence[str | Path],
-    variant_paths: dict[str, Sequence[str | Path]],
+    variant_paths: Mapping[str, Sequence[str | Path]],
     token_ids: np.ndarray,
     tokenizer: Any,
     cfg: ContextConfig,

@@ -10,7 +10,7 @@ batches per side plus the d_sae-long accumulators, never by the token count.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,7 +182,7 @@ def accumulate_pair(
 def accumulate_selections(
     fp_shard: Path,
     variant_shard: Path,
-    selections: list[tuple[SufficientSums, TokenFilter | None]],
+    selections: Sequence[tuple[SufficientSums, TokenFilter | None]],
     batch_rows: int = 1 << 20,
 ) -> None:
     """Accumulate several token selections (budgets, subsets) in one pass over a shard pair.

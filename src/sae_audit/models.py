@@ -215,7 +215,8 @@ class ActivationCapture:
 def hooked_width(model: nn.Module, hook_name: str) -> int:
     """Width of the activation at a hook point (d_model for every supported point)."""
     resolve_hook(model, hook_name)
-    return int(model.config.hidden_size)
+    config: Any = model.config
+    return int(config.hidden_size)
 
 
 # ---------------------------------------------------------------- loading
@@ -248,7 +249,8 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         str(source), revision=revision, dtype=DTYPES[dtype], **kwargs
     )
-    return model.to(device).eval()
+    # nn.Module.to, not transformers' overload (its typing rejects a device argument)
+    return nn.Module.to(model, torch.device(device)).eval()
 
 
 def load_tokenizer(source: str | Path, revision: str | None = None):

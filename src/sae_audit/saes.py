@@ -58,6 +58,6 @@ def check_compatible(model: nn.Module, sae: Any) -> str:
     if int(sae.cfg.d_in) != width:
         raise ValueError(
             f"SAE d_in={sae.cfg.d_in} does not match the width {width} of {hook!r} in "
-            f"{model.config.model_type} (hidden_size): wrong SAE for this model"
+            f"{getattr(model.config, 'model_type', type(model).__name__)} (hidden_size): wrong SAE for this model"
         )
     return hook

@@ -7,7 +7,7 @@ threshold grid re-classes the finished per-feature table.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +52,7 @@ def _selections(
 
 def stability_table(
     fp_paths: Sequence[str | Path],
-    variant_paths: dict[str, Sequence[str | Path]],
+    variant_paths: Mapping[str, Sequence[str | Path]],
     seq_len: int,
     survival: SurvivalConfig,
     cfg: StabilityConfig,

@@ -140,7 +140,8 @@ def nll_by_sequence(nll_paths: list[str], seq_len: int, n_sequences: int | None)
     frame = pl.concat([pl.read_parquet(p) for p in nll_paths])
     if n_sequences is not None:
         frame = frame.filter(pl.col("token") < n_sequences * seq_len)
-    return float(np.exp(frame["nll"].mean()))
+    mean_nll = frame["nll"].cast(pl.Float64).to_numpy().mean()
+    return float(np.exp(mean_nll))
 
 
 def match_sparsity(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,7 +290,7 @@ def tokenize_joined(
 
 
 def build_token_set(
-    documents: list[str], tokenizer: Any, cfg: TokenSetConfig, out_paths: list[str | Path]
+    documents: list[str], tokenizer: Any, cfg: TokenSetConfig, out_paths: Sequence[str | Path]
 ) -> dict[str, Any]:
     """Tokenize documents joined by `cfg.join` into one stream, cut contiguous chunks, shard them."""
     if len(out_paths) != cfg.n_shards:
@@ -325,6 +325,6 @@ def build_token_set(
     }
 
 
-def load_token_ids(paths: list[str | Path]) -> np.ndarray:
+def load_token_ids(paths: Sequence[str | Path]) -> np.ndarray:
     """All sequences of the given shards, in order, as [n_seq, seq_len]."""
     return np.concatenate([read_token_shard(p)[1] for p in paths], axis=0)
