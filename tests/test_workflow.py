@@ -147,17 +147,40 @@ def test_adding_a_model_adds_only_its_jobs(finished_run: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_a_failed_job_reruns_alone_with_what_depends_on_it(finished_run: Path, tmp_path: Path):
-    # A killed encode job leaves no output (shards are written under a temporary name and
-    # renamed): simulate it on a copy of the finished run by removing one shard's output.
+def test_a_killed_run_resumes_with_only_the_unfinished_jobs(finished_run: Path, tmp_path: Path):
+    """Kill a run while an encode job runs; the same command then finishes only what is left."""
+    import os
     import shutil
+    import signal
+    import time
+
+    from .conftest import ROOT
 
     work = tmp_path / "resume"
     shutil.copytree(finished_run, work, symlinks=True, copy_function=shutil.copy2)
-    shutil.rmtree(work / "results/codes/fixture/rtn-int4/shard-001")
-    jobs = planned_jobs(snakemake(work, TEST_CONFIG, "-n"))
-    assert jobs["encode"] == 1
-    assert jobs["correlate"] == 1 and "compress" not in jobs and "tokenize" not in jobs
-    assert "sliding_perplexity" not in jobs
-    snakemake(work, TEST_CONFIG)  # the same command resumes and completes
-    assert planned_jobs(snakemake(work, TEST_CONFIG, "-n")) == {}
+    config = edited_config(
+        tmp_path, "more_bits", lambda c: c["compression"]["rtn"]["bits"].append(6)
+    )
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
+           "--configfile", str(config), "--cores", "1"]  # fmt: skip
+    run = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    encode_log = work / "results/logs/encode/fixture/rtn-int6/shard-000.log"
+    deadline = time.monotonic() + 300
+    while not encode_log.exists() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    assert encode_log.exists(), "the encode job never started"
+    # Interrupt the whole run mid-job, as Ctrl-C or a cancelled batch job does (after a
+    # SIGKILL or power loss Snakemake's lock stays: `snakemake --unlock` first).
+    os.killpg(run.pid, signal.SIGTERM)
+    run.wait(timeout=120)
+    # Nothing half-written: the shard directory of the killed job is absent or has no partial shard.
+    killed = work / "results/codes/fixture/rtn-int6/shard-000"
+    assert not killed.exists() or not list(killed.glob("*.tmp"))
+    jobs = planned_jobs(snakemake(work, config, "-n", "--rerun-incomplete"))
+    assert 1 <= jobs["encode"] <= 2  # the killed job (and its sibling shard if it had not run)
+    assert not {"tokenize", "fixture_model", "fixture_sae", "fp_stats"} & set(jobs)
+    assert jobs.get("compress", 0) <= 1
+    snakemake(work, config, "--rerun-incomplete")  # the same command, resumed
+    assert planned_jobs(snakemake(work, config, "-n")) == {}
