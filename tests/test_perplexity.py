@@ -55,6 +55,9 @@ def test_chunked_perplexity_is_token_weighted(tmp_path: Path) -> None:
     assert out["n_tokens"] == 4
     assert out["mean_nll"] == pytest.approx(3.0)
     assert out["perplexity"] == pytest.approx(math.exp(3.0))
+    # A token prefix (what the matched-pruning search evaluates): tokens 0..1 only.
+    prefix = chunked_perplexity([a, b], token_stop=2)
+    assert prefix["n_tokens"] == 2 and prefix["mean_nll"] == pytest.approx(1.5)
 
 
 def test_stride_equal_window_matches_chunked(model: GPTNeoXForCausalLM, tmp_path: Path) -> None:

@@ -11,11 +11,13 @@ import pyarrow.parquet as pq
 import torch
 
 
-def chunked_perplexity(nll_paths: list[Path]) -> dict[str, Any]:
+def chunked_perplexity(nll_paths: list[Path], token_stop: int | None = None) -> dict[str, Any]:
     """Token-weighted perplexity over NLL shards: exp(sum nll / count), float64.
 
     Weighting by token (not averaging per-shard means) keeps the result
-    independent of how tokens were split into shards.
+    independent of how tokens were split into shards. With ``token_stop``, only
+    tokens at positions below it count (a prefix of the token set, as the
+    matched-pruning search evaluates).
     """
     if not nll_paths:
         raise ValueError("no NLL shards given")
@@ -23,8 +25,10 @@ def chunked_perplexity(nll_paths: list[Path]) -> dict[str, Any]:
     count = 0
     for path in nll_paths:
         with pq.ParquetFile(path) as pf:
-            for batch in pf.iter_batches(columns=["nll"]):
+            for batch in pf.iter_batches(columns=["token", "nll"]):
                 nll = batch.column("nll").to_numpy().astype(np.float64)
+                if token_stop is not None:
+                    nll = nll[batch.column("token").to_numpy() < token_stop]
                 total += float(nll.sum())
                 count += nll.size
     if count == 0:

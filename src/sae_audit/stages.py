@@ -135,15 +135,6 @@ def encode(
     return info
 
 
-def nll_by_sequence(nll_paths: list[str], seq_len: int, n_sequences: int | None) -> float:
-    """Token-weighted perplexity over the first n_sequences sequences, from NLL shards."""
-    frame = pl.concat([pl.read_parquet(p) for p in nll_paths])
-    if n_sequences is not None:
-        frame = frame.filter(pl.col("token") < n_sequences * seq_len)
-    mean_nll = frame["nll"].cast(pl.Float64).to_numpy().mean()
-    return float(np.exp(mean_nll))
-
-
 def match_sparsity(
     base: str,
     target: str,
@@ -165,6 +156,7 @@ def match_sparsity(
     from .encode import token_nll
     from .matched import MatchedConfig, bisect_sparsity
     from .models import DTYPES, load_model, resolve_device, target_weights
+    from .perplexity import chunked_perplexity
     from .prune import magnitude_mask
 
     cfg = MatchedConfig(
@@ -178,7 +170,9 @@ def match_sparsity(
     ids = load_token_ids(token_paths)
     n_seq = matched_params.get("n_sequences") or len(ids)
     ids = ids[:n_seq]
-    target_ppl = nll_by_sequence(target_nll_paths, ids.shape[1], n_seq)
+    target_ppl = chunked_perplexity(
+        [Path(p) for p in target_nll_paths], token_stop=n_seq * ids.shape[1]
+    )["perplexity"]
     model = load_model(base, dtype="float32", revision=model_params.get("revision"))
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     run_dtype = DTYPES[model_params.get("dtype", "float32")]
