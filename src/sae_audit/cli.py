@@ -376,7 +376,7 @@ def _prefetch(a: argparse.Namespace) -> Any:
     lambda p: (
         p.add_argument("figure", help="name of a function in sae_audit.plots"),
         p.add_argument("--inputs", nargs="+", required=True),
-        p.add_argument("--out", required=True),
+        p.add_argument("--out", nargs="+", required=True, help="one file, or several forms of it"),
     ),
 )
 def _plot(a: argparse.Namespace) -> Any:
@@ -385,7 +385,8 @@ def _plot(a: argparse.Namespace) -> Any:
     fn = getattr(plots, a.figure, None)
     if fn is None or a.figure.startswith("_"):
         raise SystemExit(f"unknown figure {a.figure!r}")
-    fn(*a.inputs, out=a.out)
+    for out in a.out:  # one process for every form (e.g. a report table as .html and .csv)
+        fn(*a.inputs, out=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -228,5 +228,4 @@ rule report_tables:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "(sae-audit plot report_table --inputs {input} --out {output.html} && "
-        "sae-audit plot report_table --inputs {input} --out {output.csv}) > {log} 2>&1"
+        "sae-audit plot report_table --inputs {input} --out {output.html} {output.csv} > {log} 2>&1"
