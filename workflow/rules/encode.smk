@@ -30,6 +30,6 @@ rule encode:
             encode=config["encode"],
         ),
     shell:
-        "sae-audit encode --params {params.cfg:q} --checkpoint {input.checkpoint} --sae-path {params.sae_paths} "
-        "--tokens {input.tokens}/shard-{wildcards.shard}.parquet --codes-dir {output.codes} --nll {output.nll} "
-        "--model-name {wildcards.model} > {log} 2>&1"
+        "sae-audit encode --params {params.cfg:q} --checkpoint {input.checkpoint:q} --sae-path {params.sae_paths:q} "
+        "--tokens {input.tokens:q}/shard-{wildcards.shard:q}.parquet --codes-dir {output.codes:q} --nll {output.nll:q} "
+        "--model-name {wildcards.model:q} > {log:q} 2>&1"

@@ -14,7 +14,7 @@ rule fixture_corpus:
     params:
         cfg=dumps(config["fixture"]["corpus"]),
     shell:
-        "sae-audit fixture-corpus --params {params.cfg:q} --train {output.train} --heldout {output.heldout} > {log} 2>&1"
+        "sae-audit fixture-corpus --params {params.cfg:q} --train {output.train:q} --heldout {output.heldout:q} > {log:q} 2>&1"
 
 
 rule fixture_tokenizer:
@@ -31,7 +31,7 @@ rule fixture_tokenizer:
     params:
         cfg=dumps(config["fixture"]["tokenizer"]),
     shell:
-        "sae-audit fixture-tokenizer --params {params.cfg:q} --train {input.train} --out {output} > {log} 2>&1"
+        "sae-audit fixture-tokenizer --params {params.cfg:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fixture_model:
@@ -51,8 +51,8 @@ rule fixture_model:
     params:
         cfg=dumps(config["fixture"]["model"]),
     shell:
-        "sae-audit fixture-model --params {params.cfg:q} --tokenizer {input.tokenizer} "
-        "--train {input.train} --heldout {input.heldout} --out {output} > {log} 2>&1"
+        "sae-audit fixture-model --params {params.cfg:q} --tokenizer {input.tokenizer:q} "
+        "--train {input.train:q} --heldout {input.heldout:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fixture_sae:
@@ -71,4 +71,4 @@ rule fixture_sae:
     params:
         cfg=dumps(config["fixture"]["sae"]),
     shell:
-        "sae-audit fixture-sae --params {params.cfg:q} --model {input.model} --train {input.train} --out {output} > {log} 2>&1"
+        "sae-audit fixture-sae --params {params.cfg:q} --model {input.model:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"

@@ -34,7 +34,7 @@ rule plot_class_fractions_vs_bits:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit plot class_fractions_vs_bits --inputs {input} --out {output} > {log} 2>&1"
+        "sae-audit plot class_fractions_vs_bits --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_correlation_histograms:
@@ -52,7 +52,7 @@ rule plot_correlation_histograms:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit plot correlation_histograms --inputs {input} --out {output} > {log} 2>&1"
+        "sae-audit plot correlation_histograms --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_perplexity_vs_bits:
@@ -70,7 +70,7 @@ rule plot_perplexity_vs_bits:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit plot perplexity_vs_bits --inputs {input} --out {output} > {log} 2>&1"
+        "sae-audit plot perplexity_vs_bits --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_perplexity_vs_damage:
@@ -88,7 +88,7 @@ rule plot_perplexity_vs_damage:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit plot perplexity_vs_damage --inputs {input} --out {output} > {log} 2>&1"
+        "sae-audit plot perplexity_vs_damage --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_roc_curves:
@@ -107,7 +107,7 @@ rule plot_roc_curves:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit plot roc_curves --inputs {input} --out {output} > {log} 2>&1"
+        "sae-audit plot roc_curves --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_coefficients:
@@ -125,7 +125,7 @@ rule plot_coefficients:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit plot coefficients --inputs {input} --out {output} > {log} 2>&1"
+        "sae-audit plot coefficients --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_survival_by_quartile:
@@ -143,7 +143,7 @@ rule plot_survival_by_quartile:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit plot survival_by_quartile --inputs {input} --out {output} > {log} 2>&1"
+        "sae-audit plot survival_by_quartile --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_survival_by_firing_rate_decile:
@@ -161,7 +161,7 @@ rule plot_survival_by_firing_rate_decile:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit plot survival_by_firing_rate_decile --inputs {input} --out {output} > {log} 2>&1"
+        "sae-audit plot survival_by_firing_rate_decile --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_rtn_vs_pruning_scatter:
@@ -180,7 +180,7 @@ rule plot_rtn_vs_pruning_scatter:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit plot rtn_vs_pruning_scatter --inputs {input} --out {output} > {log} 2>&1"
+        "sae-audit plot rtn_vs_pruning_scatter --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_stability:
@@ -198,7 +198,7 @@ rule plot_stability:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit plot stability --inputs {input} --out {output} > {log} 2>&1"
+        "sae-audit plot stability --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 # The main result tables, once per table: an HTML page the report shows inline
@@ -228,4 +228,4 @@ rule report_tables:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit plot report_table --inputs {input} --out {output.html} {output.csv} > {log} 2>&1"
+        "sae-audit plot report_table --inputs {input:q} --out {output.html:q} {output.csv:q} > {log:q} 2>&1"

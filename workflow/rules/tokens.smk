@@ -21,5 +21,5 @@ rule tokenize:
         ],
         cfg=lambda w: dumps(model_cfg(w.model)["tokens"]),
     shell:
-        "sae-audit tokenize --params {params.cfg:q} --tokenizer {params.tokenizer} "
-        "--text {input.text} --out {params.out} > {log} 2>&1"
+        "sae-audit tokenize --params {params.cfg:q} --tokenizer {params.tokenizer:q} "
+        "--text {input.text:q} --out {params.out:q} > {log:q} 2>&1"
