@@ -7,8 +7,12 @@ config (see `slice_hash`), so editing one key re-runs only the jobs that read it
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
+import importlib.util
 import json
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -17,7 +21,7 @@ from typing import Any
 import yaml
 from jsonschema import validators
 
-from .hooknames import HOOK_PATTERN, SUPPORTED
+from .hooknames import HOOK_PATTERN, SUPPORTED, pretrained_hook
 from .variants import parse_variant, prune_name, rtn_name
 
 FIXTURE = "fixture"
@@ -32,6 +36,19 @@ def load_schema() -> dict[str, Any]:
     return yaml.safe_load(schema_path().read_text())
 
 
+@functools.cache
+def _schema() -> dict[str, Any]:
+    """The schema, parsed once per process (validation reads it, never changes it)."""
+    return load_schema()
+
+
+# Schema checks of one value (not of an object's keys), whose error the key's description completes.
+_VALUE_CHECKS = frozenset(
+    {"type", "enum", "const", "pattern", "minLength", "minItems", "maxItems", "uniqueItems"}
+    | {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+)
+
+
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key and the fix."""
 
@@ -39,13 +56,16 @@ class ConfigError(ValueError):
 def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     """Validate (filling schema defaults) and cross-check; raise ConfigError naming the key."""
     plain: dict[str, Any] = json.loads(json.dumps(config))  # a plain, mutable copy
-    validator_cls = validators.validator_for(load_schema())
-    validator = _with_defaults(validator_cls)(load_schema())
+    validator_cls = validators.validator_for(_schema())
+    validator = _with_defaults(validator_cls)(_schema())
     errors = sorted(validator.iter_errors(plain), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
         key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
-        raise ConfigError(f"config key '{key}': {err.message}")
+        # A bound or type error says what is wrong; the key's description says what is right.
+        about = err.schema.get("description") if isinstance(err.schema, dict) else None
+        hint = f" ({about.strip()})" if about and err.validator in _VALUE_CHECKS else ""
+        raise ConfigError(f"config key '{key}': {err.message}{hint}")
     _cross_check(plain)
     return plain
 
@@ -65,24 +85,14 @@ def _with_defaults(validator_cls: Any) -> Any:
 
 
 def _cross_check(config: dict[str, Any]) -> None:
-    names = variant_names(config)
-    for name in names:
-        try:
-            parse_variant(name)
-        except ValueError as e:
-            raise ConfigError(f"config key 'compression': {e}") from e
-    for target in config["compression"]["prune"]["matched"]["targets"]:
-        if target not in names:
-            raise ConfigError(
-                f"config key 'compression.prune.matched.targets': target {target!r} is not a "
-                f"configured variant; configured: {names}"
-            )
-    analysis = config["analysis"]
-    if analysis["destroyed"] > analysis["survived"]:
-        raise ConfigError(
-            "config key 'analysis.destroyed': must not exceed 'analysis.survived' "
-            f"({analysis['destroyed']} > {analysis['survived']})"
-        )
+    """What the schema cannot say: relations between keys, and cheap looks at local files.
+
+    Everything a job would reject from the config alone is rejected here, before the
+    first job, so a typo costs seconds rather than the minutes of work before that job.
+    """
+    _check_variants(config)
+    _check_analysis(config)
+    _check_fixture(config)
     for model, spec in config["models"].items():
         sae_sources = [sae.get("source") for sae in spec["saes"].values()]
         uses_fixture = FIXTURE in (spec["model"]["source"], spec["tokens"]["source"], *sae_sources)
@@ -90,58 +100,443 @@ def _cross_check(config: dict[str, Any]) -> None:
             raise ConfigError(
                 f"config key 'models.{model}': uses the fixture but 'fixture' is not configured"
             )
-    for model, spec in config["models"].items():
-        check_local_saes(model, spec)
-    for pair in config["overlap"]["pairs"]:
+        check_model_source(model, spec)
+        _check_tokens(model, spec["tokens"])
+        check_local_saes(model, spec, config.get("fixture"))
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    """' (did you mean 'a' or 'b'?)' for close matches of a typo, else ''."""
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _check_variants(config: dict[str, Any]) -> None:
+    # Matched targets first: 'prune-matched-<typo>' would otherwise fail to parse below
+    # and name only 'compression', not the key that holds the typo.
+    bases = rtn_variants(config) + [
+        prune_name(s) for s in config["compression"]["prune"]["sparsities"]
+    ]
+    key = "compression.prune.matched.targets"
+    for target in config["compression"]["prune"]["matched"]["targets"]:
+        if target not in bases:
+            raise ConfigError(
+                f"config key '{key}': target {target!r} is not a configured RTN or pruning "
+                f"variant{_suggest(target, bases)}; choose from {bases} (made by "
+                "compression.rtn and compression.prune.sparsities)"
+            )
+    for name in variant_names(config):
+        try:
+            parse_variant(name)
+        except ValueError as e:
+            where = (
+                "compression.prune.sparsities" if name.startswith("prune-") else "compression.rtn"
+            )
+            raise ConfigError(f"config key '{where}': {e}") from e
+    matched = config["compression"]["prune"]["matched"]
+    if matched["targets"] and not matched["lo"] < matched["hi"]:
+        raise ConfigError(
+            "config key 'compression.prune.matched.lo': the sparsity search needs lo < hi, got "
+            f"lo={matched['lo']}, hi={matched['hi']}"
+        )
+    names = variant_names(config)
+    for i, pair in enumerate(config["overlap"]["pairs"]):
         for name in pair:
             if name not in names:
                 raise ConfigError(
-                    f"config key 'overlap.pairs': {name!r} is not a configured variant"
+                    f"config key 'overlap.pairs': {name!r} (pair {i}) is not a configured "
+                    f"variant{_suggest(name, names)}; choose from {names}"
                 )
 
 
+def _check_analysis(config: dict[str, Any]) -> None:
+    analysis = config["analysis"]
+    if analysis["destroyed"] > analysis["survived"]:
+        raise ConfigError(
+            "config key 'analysis.destroyed': must not exceed 'analysis.survived' "
+            f"({analysis['destroyed']} > {analysis['survived']})"
+        )
+    stability = config["stability"]
+    survived, destroyed = stability["survived_grid"], stability["destroyed_grid"]
+    if not any(d <= s for s in survived for d in destroyed):
+        # The threshold_grid job skips pairs with destroyed > survived and fails when none is left.
+        raise ConfigError(
+            "config key 'stability.destroyed_grid': no value is <= any of "
+            f"stability.survived_grid {survived}, so the threshold grid would be empty"
+        )
+    predictors = config["predict"]["predictors"]
+    default = _schema_default("predict", "predictors")
+    if not set(predictors) <= set(default):
+        # Only a non-default name pays for importing sae_audit.predict (scikit-learn, ~2 s).
+        from .predict import PREDICTORS
+
+        for name in predictors:
+            if name not in PREDICTORS:
+                raise ConfigError(
+                    f"config key 'predict.predictors': {name!r} is not a registered predictor"
+                    f"{_suggest(name, sorted(PREDICTORS))}; choose from {sorted(PREDICTORS)}"
+                )
+    ppl = config["perplexity"]
+    if ppl["sliding"]:
+        # With BOS prepended a window holds window - 1 text tokens, and the stride may not
+        # skip any (perplexity.sliding_window_nll).
+        span = ppl["window"] - 1 if ppl["bos"] else ppl["window"]
+        if ppl["stride"] > span:
+            raise ConfigError(
+                f"config key 'perplexity.stride': {ppl['stride']} skips tokens: at most "
+                f"{span} (the window's text tokens{', BOS excluded' if ppl['bos'] else ''})"
+            )
+
+
+def _schema_default(*keys: str) -> Any:
+    node = _schema()
+    for key in keys:
+        node = node["properties"][key]
+    return node["default"]
+
+
+def _uses_fixture_sae(config: Mapping[str, Any]) -> bool:
+    return any(
+        sae.get("source") == FIXTURE
+        for spec in config["models"].values()
+        for sae in spec["saes"].values()
+    )
+
+
+def _check_fixture(config: dict[str, Any]) -> None:
+    """The fixture trainers' own checks (sae_audit.fixture), for the fixture models in use."""
+    fixture = config.get("fixture")
+    if fixture is None:
+        return
+    uses_model = any(
+        FIXTURE in (spec["model"]["source"], spec["tokens"]["source"])
+        for spec in config["models"].values()
+    )
+    if not uses_model and not _uses_fixture_sae(config):
+        return
+    model = fixture["model"]
+    d_model, n_head, n_layer = model["d_model"], model["n_head"], model["n_layer"]
+    if d_model % n_head or (d_model // n_head) % 4:
+        # GPT-NeoX's rotary_pct 0.25 needs a head dimension that is a multiple of 4.
+        raise ConfigError(
+            f"config key 'fixture.model.n_head': d_model / n_head must be a whole multiple of 4, "
+            f"got d_model={d_model}, n_head={n_head}"
+        )
+    layer = fixture["sae"]["layer"]
+    if _uses_fixture_sae(config) and not layer <= n_layer - 2:
+        # The fixture SAE reads hidden_states[layer + 1]; the last block's entry is normalized.
+        raise ConfigError(
+            f"config key 'fixture.sae.layer': {layer} is not a block of the "
+            f"{n_layer}-layer fixture model whose raw output it can read: "
+            f"use 0..{n_layer - 2} (or raise fixture.model.n_layer)"
+        )
+
+
+# ---------------------------------------------------------------- model sources
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
+
+
+def check_model_source(model: str, spec: Mapping[str, Any]) -> None:
+    """'fixture', an existing model directory, or a well-formed hub id (checked offline)."""
+    source = spec["model"]["source"]
+    key = f"models.{model}.model.source"
+    if source == FIXTURE:
+        return
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"config key '{key}': {source!r} has no config.json: not a transformers model "
+                "directory (save one with save_pretrained)"
+            )
+        return
+    if _looks_like_path(source):
+        hint = (
+            "; '~' is not expanded: write the full path"
+            if source.startswith("~") and path.expanduser().is_dir()
+            else f" (relative paths are relative to the working directory {Path.cwd()})"
+        )
+        raise ConfigError(f"config key '{key}': no such model directory: {source!r}{hint}")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError as e:
+        raise ConfigError(
+            f"config key '{key}': no such model directory: {source!r}, and not a hub id "
+            f"('name' or 'org/name'): {e}"
+        ) from e
+
+
+# ---------------------------------------------------------------- token files
+_BLANK = b" \t\r\n\x0b\x0c"
+_FIRST_LINE_CAP = 1 << 20  # a longer first JSON line is left to the tokenize job
+
+
+def _first_line(path: Path) -> bytes | None:
+    """The first line with a non-whitespace byte (at most _FIRST_LINE_CAP bytes), or None.
+
+    Reads only up to that line, so a real file costs one small read however big it is.
+    """
+    with path.open("rb") as f:
+        while line := f.readline(_FIRST_LINE_CAP):
+            if line.strip(_BLANK):
+                return line
+    return None
+
+
+def _check_tokens(model: str, tokens: Mapping[str, Any]) -> None:
+    if tokens["n_shards"] > tokens["n_sequences"]:
+        raise ConfigError(
+            f"config key 'models.{model}.tokens.n_shards': {tokens['n_shards']} shards of "
+            f"{tokens['n_sequences']} sequences (tokens.n_sequences) leave a shard empty: "
+            "use at most n_sequences shards"
+        )
+    source = tokens["source"]
+    if source not in ("text", "jsonl", "parquet"):
+        return
+    key = f"models.{model}.tokens.paths"
+    column = tokens["text_column"]
+    for item in tokens["paths"]:
+        path = Path(item)
+        if not path.exists():
+            raise ConfigError(
+                f"config key '{key}': no such file: {item!r} "
+                f"(relative paths are relative to the working directory {Path.cwd()})"
+            )
+        if not path.is_file():
+            raise ConfigError(f"config key '{key}': {item!r} is not a file")
+        if source == "parquet":
+            _check_parquet(model, item, column)
+            continue
+        first = _first_line(path)
+        if first is None:
+            what = "empty" if path.stat().st_size == 0 else "whitespace only"
+            raise ConfigError(
+                f"config key '{key}': {item!r} is {what}: no text to tokenize "
+                "(fill it or drop it from the list)"
+            )
+        if source == "jsonl" and len(first) < _FIRST_LINE_CAP:
+            _check_jsonl_row(model, item, first, column)
+
+
+def _check_jsonl_row(model: str, item: str, line: bytes, column: str) -> None:
+    key = f"models.{model}.tokens.paths"
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise ConfigError(
+            f"config key '{key}': the first line of {item!r} is not valid JSON ({e}): "
+            "tokens.source jsonl needs one JSON object per line"
+        ) from e
+    if not isinstance(row, dict):
+        raise ConfigError(
+            f"config key '{key}': the first line of {item!r} is a JSON {type(row).__name__}, "
+            f"expected an object with a {column!r} key (tokens.text_column)"
+        )
+    if column not in row:
+        raise ConfigError(
+            f"config key 'models.{model}.tokens.text_column': {column!r} is not a "
+            f"key of the first row of {item!r}; its keys: {sorted(row)}"
+        )
+
+
+def _check_parquet(model: str, item: str, column: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = f"models.{model}.tokens.paths"
+    try:
+        meta = pq.read_metadata(item)  # the footer only, not the data
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"config key '{key}': {item!r} is not a Parquet file: {e}") from e
+    if meta.num_rows == 0:
+        raise ConfigError(
+            f"config key '{key}': {item!r} has no rows: no text to tokenize "
+            "(fill it or drop it from the list)"
+        )
+    names = meta.schema.to_arrow_schema().names
+    if column not in names:
+        raise ConfigError(
+            f"config key 'models.{model}.tokens.text_column': {column!r} is not a "
+            f"column of {item!r}; its columns: {names}"
+        )
+
+
+# ---------------------------------------------------------------- SAEs
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_local_saes(model: str, spec: Mapping[str, Any]) -> None:
-    """Before any job runs: an on-disk SAE must read a hook the model has, at its width.
+_TOP_LINE = re.compile(r"^(?=[^\s#])(.*)$", re.MULTILINE)
+_PLAIN_KEY = re.compile(r"([^\s'\"?&*!|>%@`{\[-][^:\n]*):\s*")
 
-    Only local files are read (the model's config.json, the SAE's cfg.json), so planning
-    never touches the network; hub SAEs are checked when the encode job loads them.
+
+@functools.cache
+def _sae_registry() -> dict[str, str] | None:
+    """sae-lens's pretrained-SAE registry as {release: its yaml text}; None without sae-lens.
+
+    Importing sae_lens (for get_pretrained_saes_directory) takes several seconds, and
+    parsing all of its 1.5 MB pretrained_saes.yaml ~0.7 s, which every `snakemake`
+    start-up (and every cluster job) would pay. Locating the package imports nothing,
+    and the file is one top-level key per release, so each release's text is cut out
+    by its key line and only the releases a config names get parsed.
     """
-    source = Path(spec["model"]["source"])
-    model_cfg = _read_json(source / "config.json") if source.is_dir() else None
+    spec = importlib.util.find_spec("sae_lens")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "pretrained_saes.yaml"
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    lines = list(_TOP_LINE.finditer(text))
+    keys = [_PLAIN_KEY.fullmatch(m[1]) for m in lines]
+    if not all(keys):
+        # Not the one-plain-key-per-release layout: parse the whole file instead.
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return {name: yaml.safe_dump({name: entry}) for name, entry in data.items()}
+    ends = [m.start() for m in lines[1:]] + [len(text)]
+    return {
+        key[1]: text[m.start() : end] for key, m, end in zip(keys, lines, ends, strict=True) if key
+    }
+
+
+@functools.cache
+def _registry_entry(release: str) -> dict[str, Any]:
+    text = (_sae_registry() or {})[release]
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))[release]
+
+
+def _pretrained_hook(model: str, name: str, sae: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(config key, hook or None) of a {release, sae_id} SAE, looked up in the local registry.
+
+    A release the registry lacks is, for sae-lens, a hub repo id (when it has a '/'):
+    nothing local says what it holds, so only its form is checked.
+    """
+    release, sae_id = sae["release"], sae["sae_id"]
+    base = f"models.{model}.saes.{name}"
+    registry = _sae_registry()
+    if registry is None:
+        return f"{base}.sae_id", None
+    if release not in registry:
+        if "/" in release:
+            return f"{base}.sae_id", None
+        raise ConfigError(
+            f"config key '{base}.release': {release!r} is not a sae-lens pretrained release"
+            f"{_suggest(release, list(registry))}; name a release of sae_lens's "
+            "pretrained_saes.yaml, or a hub repo id 'org/name'"
+        )
+    entry = _registry_entry(release)
+    ids = [str(s["id"]) for s in entry["saes"]]
+    if sae_id not in ids:
+        shown = ids if len(ids) <= 12 else [*ids[:12], "..."]
+        raise ConfigError(
+            f"config key '{base}.sae_id': {sae_id!r} is not an SAE of release {release!r}"
+            f"{_suggest(sae_id, ids)}; its ids: {shown}"
+        )
+    return f"{base}.sae_id", pretrained_hook(entry, sae_id)
+
+
+def _model_shape(
+    spec: Mapping[str, Any], fixture: Mapping[str, Any] | None
+) -> tuple[str, Any, Any]:
+    """(description, width, layers) of the model, from local config only; None where unknown."""
+    source = spec["model"]["source"]
+    if source == FIXTURE:
+        if fixture is None:
+            return "the fixture model", None, None
+        fm = fixture["model"]
+        return "the fixture model (fixture.model)", fm["d_model"], fm["n_layer"]
+    path = Path(source)
+    model_cfg = _read_json(path / "config.json") if path.is_dir() else None
+    if model_cfg is None:
+        return source, None, None  # a hub model: its config is not read at start-up
+    width = model_cfg.get("hidden_size") or model_cfg.get("n_embd")
+    layers = model_cfg.get("num_hidden_layers") or model_cfg.get("n_layer")
+    return source, width, layers
+
+
+def check_local_saes(
+    model: str, spec: Mapping[str, Any], fixture: Mapping[str, Any] | None = None
+) -> None:
+    """Before any job runs: an SAE must read a hook the model has, at its width.
+
+    Only local files are read (the model's config.json, the SAE's cfg.json, sae-lens's
+    registry yaml; the fixture model's shape is its config), so planning never touches
+    the network. A hub SAE's d_in, and anything about a hub model, is checked when the
+    encode job loads them.
+    """
+    what, width, layers = _model_shape(spec, fixture)
     for name, sae in spec["saes"].items():
-        if "path" not in sae:
-            continue
-        key = f"models.{model}.saes.{name}.path"
-        sae_cfg = _read_json(Path(sae["path"]) / "cfg.json")
-        if sae_cfg is None:
-            raise ConfigError(f"config key '{key}': no sae-lens cfg.json in {sae['path']!r}")
-        hook = (sae_cfg.get("metadata") or {}).get("hook_name") or sae_cfg.get("hook_name")
+        d_in: Any = None
+        if sae.get("source") == FIXTURE:
+            if fixture is None:
+                continue
+            key = f"models.{model}.saes.{name}.source"
+            hook: str | None = f"blocks.{fixture['sae']['layer']}.hook_resid_post"
+            d_in = fixture["model"]["d_model"]
+        elif "path" in sae:
+            key = f"models.{model}.saes.{name}.path"
+            sae_cfg = _read_json(Path(sae["path"]) / "cfg.json")
+            if sae_cfg is None:
+                raise ConfigError(f"config key '{key}': no sae-lens cfg.json in {sae['path']!r}")
+            hook = (sae_cfg.get("metadata") or {}).get("hook_name") or sae_cfg.get("hook_name")
+            d_in = sae_cfg.get("d_in")
+        else:
+            key, hook = _pretrained_hook(model, name, sae)
+            if hook is None:
+                continue
         match = HOOK_PATTERN.match(hook or "")
         if match is None:
             raise ConfigError(
                 f"config key '{key}': SAE hook {hook!r} is not supported; expected {SUPPORTED}"
             )
-        if model_cfg is None:
-            continue
-        width = model_cfg.get("hidden_size") or model_cfg.get("n_embd")
-        layers = model_cfg.get("num_hidden_layers") or model_cfg.get("n_layer")
-        if width is not None and int(sae_cfg["d_in"]) != int(width):
+        if width is not None and d_in is not None and int(d_in) != int(width):
             raise ConfigError(
-                f"config key '{key}': SAE d_in={sae_cfg['d_in']} but {hook} of {spec['model']['source']} "
+                f"config key '{key}': SAE d_in={d_in} but {hook} of {what} "
                 f"has width {width}: this SAE was trained on another model"
             )
         if layers is not None and int(match["layer"]) >= int(layers):
             raise ConfigError(
-                f"config key '{key}': SAE hook {hook} is past the model's {layers} layers"
+                f"config key '{key}': SAE hook {hook} is past the model's {layers} layers: "
+                f"use an SAE of blocks 0..{int(layers) - 1} of this model"
             )
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict; a syntax error names the file and the line.
+
+    Snakemake's own loader says only 'Config file is not valid JSON or YAML'.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = ": ".join(str(p) for p in (e.context, e.problem) if p)
+        raise ConfigError(
+            f"config file {str(path)!r}{where}: YAML syntax error: {problem} (fix the YAML there)"
+        ) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r}: YAML error: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r}: must be a mapping of keys (models:, compression:, ...), "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def check_config_file(path: str | Path) -> None:
+    """read_config_file for its error only; a missing file is left to Snakemake's message."""
+    if Path(path).is_file():
+        read_config_file(path)
+
+
 def load(path: str | Path) -> dict[str, Any]:
-    return validate(yaml.safe_load(Path(path).read_text()))
+    return validate(read_config_file(path))
 
 
 # ---------------------------------------------------------------- derived
