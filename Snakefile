@@ -7,6 +7,9 @@ from sae_audit import config as audit_config
 # The embedded demo unless the user names a config (--configfile config/paper.yaml):
 # a named config replaces the demo rather than merging into it, so models never mix.
 if not workflow.overwrite_configfiles:
+    # Snakemake's own YAML error names neither the file nor the line; this one does.
+    # (A --configfile is parsed by Snakemake before this file runs, out of our reach.)
+    audit_config.check_config_file("config/config.yaml")
 
     configfile: "config/config.yaml"
 
@@ -14,6 +17,14 @@ if not workflow.overwrite_configfiles:
 # Validates against workflow/schemas/config.schema.yaml (fills defaults, cross-checks
 # variant names): a bad key fails here, before any job runs, naming the key.
 config.update(audit_config.validate(config))
+
+# After kill -9 Snakemake stops on its stale lock before onerror could run: say the
+# one recovery command here, while the Snakefile is read (not for --unlock itself).
+if workflow.is_main_process and not workflow.dryrun and "--unlock" not in sys.argv:
+    from sae_audit.hints import stale_lock
+
+    if lock_hint := stale_lock():
+        print(f"sae-audit hint: {lock_hint}", file=sys.stderr)
 
 
 report: "workflow/report/workflow.rst"
@@ -47,6 +58,9 @@ rule all:
 
 
 onerror:
+    # explain() also reads the logs of the jobs this log reports as failed: a job's own
+    # error (e.g. "CUDA is not available") is only there. A stale lock after kill -9
+    # stops Snakemake before onerror runs: its hint is printed at the top instead.
     from sae_audit.hints import explain
 
     for hint in explain(log):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,12 @@ from sae_audit.fixture.tokenizer import EOS_TOKEN, TokenizerConfig, train_tokeni
 
 SMALL_CORPUS = CorpusConfig(seed=1, max_chars=150_000, heldout_fraction=0.1)
 TINY_MODEL = ModelTrainConfig(
-    n_layer=2, d_model=32, n_head=2, d_mlp=64, context=32, batch_size=8, train_seconds=3.0
+    n_layer=2, d_model=32, n_head=2, d_mlp=64, context=32, batch_size=8, max_steps=60
 )
 TINY_SAE = SAETrainConfig(
     layer=0,
     d_sae=64,
-    train_seconds=3.0,
+    max_steps=80,
     n_activation_tokens=4096,
     n_eval_tokens=1024,
     batch_size=512,
@@ -175,6 +176,52 @@ def test_tiny_sae_saves_in_sae_lens_format(
     assert saved["steps"] == metrics["steps"] > 0
     assert math.isfinite(saved["explained_variance"]) and saved["explained_variance"] > 0
     assert 0 <= saved["l0"] <= 64 and 0 <= saved["n_dead_features"] <= 64
+
+
+def test_fixture_model_is_a_function_of_config_and_seed(
+    model_dir: Path, corpus: tuple[Path, Path, dict], tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """A second build of the same config is the same model, bit for bit (no wall clock)."""
+    from safetensors.torch import load_file
+
+    metrics = train_model(TINY_MODEL, tokenizer_dir, corpus[0], corpus[1], tmp_path / "again")
+    first = load_file(model_dir / "model.safetensors")
+    second = load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert metrics["steps"] == TINY_MODEL.max_steps
+    saved = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["heldout_perplexity"] == saved["heldout_perplexity"]
+
+
+def test_fixture_sae_is_a_function_of_config_and_seed(
+    model_dir: Path, corpus: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    """Two builds of the same SAE config are the same SAE, bit for bit (no wall clock)."""
+    from safetensors.torch import load_file
+
+    runs = [train_sae(TINY_SAE, model_dir, corpus[0], tmp_path / f"sae{i}") for i in range(2)]
+    first, second = (load_file(tmp_path / f"sae{i}" / "sae_weights.safetensors") for i in range(2))
+    assert first.keys() == second.keys() >= {"W_enc", "W_dec", "b_enc", "b_dec"}
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert runs[0]["steps"] == runs[1]["steps"] == TINY_SAE.max_steps
+    assert runs[0]["explained_variance"] == runs[1]["explained_variance"]
+
+
+def test_training_past_the_wall_clock_cap_fails_naming_the_key(
+    model_dir: Path, corpus: tuple[Path, Path, dict], tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """Out of time is an error that names the key and the fix, never a shorter training."""
+    cap = 1e-9  # already spent before the first step
+    with pytest.raises(
+        TimeoutError, match=r"fixture\.model\.train_seconds.*fixture\.model\.max_steps"
+    ):
+        train_model(
+            replace(TINY_MODEL, train_seconds=cap), tokenizer_dir, corpus[0], corpus[1], tmp_path
+        )
+    with pytest.raises(TimeoutError, match=r"raise fixture\.sae\.train_seconds or lower"):
+        train_sae(replace(TINY_SAE, train_seconds=cap), model_dir, corpus[0], tmp_path / "sae")
+    assert not (tmp_path / "sae" / "sae_weights.safetensors").exists()
 
 
 def test_sae_rejects_final_layer(
