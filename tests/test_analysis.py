@@ -324,11 +324,13 @@ def test_predictor_degenerate_cases_and_config() -> None:
     rng = np.random.default_rng(2)
     all_survive = _predict_table(rng, 50, np.ones(50, dtype=bool))
     out = predict_survival(all_survive)
-    assert math.isnan(out["auc_mean"]) and "one class" in out["reason"]
+    assert out["auc_mean"] is None and out["auc_sd"] is None and "one class" in out["reason"]
     few = _predict_table(rng, 50, np.arange(50) < 3)
     out = predict_survival(few)
-    assert math.isnan(out["auc_mean"]) and "fewer than folds" in out["reason"]
-    assert not math.isnan(out["coefficients"]["rarity"])
+    assert out["auc_mean"] is None and "fewer than folds" in out["reason"]
+    assert out["coefficients"]["rarity"] is not None and math.isfinite(
+        out["coefficients"]["rarity"]
+    )
     with pytest.raises(ValueError, match="predictors"):
         PredictConfig(predictors=("rarity", "nope"))
     with pytest.raises(ValueError, match="folds"):
@@ -402,7 +404,9 @@ def test_overlap_jaccard_and_spearman_by_hand() -> None:
     db = np.array([0.01, 0.7, 0.95, 0.35, 0.02, 0.08])
     da_c, db_c = da - da.mean(), db - db.mean()
     assert out["pearson"] == pytest.approx((da_c @ db_c) / math.sqrt((da_c @ da_c) * (db_c @ db_c)))
-    assert jaccard(set(), set()) == 1.0
+    # Two empty sets: undefined (None), never 1.0 (that would read as perfect agreement).
+    assert jaccard(set(), set()) is None
+    assert jaccard({1}, set()) == 0.0
     assert jaccard({1, 2}, {2, 3, 4}) == pytest.approx(1 / 4)
 
 

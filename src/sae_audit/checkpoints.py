@@ -12,7 +12,7 @@ full precision by construction and a tied unembedding can never change.
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from .files import InputError, atomic_path, rerun_hint, unreadable
 from .models import as_out_in, from_out_in, load_model, target_weights
 from .prune import magnitude_mask
 from .quantize import QuantizedTensor, RTNSpec, quantize_rtn
@@ -118,26 +119,74 @@ def write_checkpoint(
     out_dir = Path(out_dir)
     model = load_model(base, dtype="float32", revision=revision)
     payload, method = compress_state(model, variant, sparsity=sparsity)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(payload, tmp / TENSORS)
     manifest = {
-        "base": str(base),
+        **base_record(base, out_dir),
         "revision": revision,
         "variant": variant.name,
         "method": method,
         "n_compressed_matrices": sum(1 for _ in target_weights(model)),
         **(extra or {}),
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_path(out_dir, directory=True) as tmp:
+        save_file(payload, tmp / TENSORS)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return out_dir
 
 
+def base_record(base: str | Path, checkpoint_dir: Path) -> dict[str, str | None]:
+    """How a checkpoint names its base model, so it loads from any working directory.
+
+    A hub id is kept as given. A local directory is stored relative to the checkpoint
+    (the results tree can move as a whole) and as an absolute path (the checkpoint can
+    be copied alone); `base` keeps what the config said, for people to read.
+    """
+    local = Path(base).expanduser()
+    if not local.is_dir():
+        return {"base": str(base), "base_relative": None, "base_absolute": None}
+    absolute = local.resolve()
+    relative = os.path.relpath(absolute, checkpoint_dir.resolve())
+    return {"base": str(base), "base_relative": relative, "base_absolute": str(absolute)}
+
+
+def resolve_base(manifest: dict[str, Any], checkpoint_dir: str | Path) -> str:
+    """The base model to load: the local directory the manifest points at, or the hub id."""
+    checkpoint_dir = Path(checkpoint_dir)
+    relative, absolute = manifest.get("base_relative"), manifest.get("base_absolute")
+    if relative is None and absolute is None:
+        return str(manifest["base"])
+    candidates = [checkpoint_dir.resolve() / relative] if relative else []
+    candidates += [Path(absolute)] if absolute else []
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate)
+    raise InputError(
+        f"{checkpoint_dir / MANIFEST}: base model directory not found (looked in "
+        f"{[str(c) for c in candidates]}); restore it, or {rerun_hint('compress')}"
+    )
+
+
 def read_manifest(checkpoint_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint_dir) / MANIFEST).read_text())
+    path = Path(checkpoint_dir) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint manifest; {rerun_hint('compress')}")
+    try:
+        manifest = json.loads(path.read_text())
+        for key in ("base", "variant", "method"):
+            manifest[key]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise unreadable(path, e, "compress") from e
+    return manifest
+
+
+def read_payload(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The compressed tensors, with an error naming the file when they are damaged."""
+    path = Path(checkpoint_dir) / TENSORS
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; {rerun_hint('compress')}")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise unreadable(path, e, "compress") from e
 
 
 def load_checkpoint(
@@ -149,13 +198,41 @@ def load_checkpoint(
     """Load the base model in the run dtype and apply the variant's stored compression."""
     checkpoint_dir = Path(checkpoint_dir)
     manifest = read_manifest(checkpoint_dir)
-    model = load_model(
-        manifest["base"],
+    payload = read_payload(checkpoint_dir)
+    model = load_run_model(
+        resolve_base(manifest, checkpoint_dir),
         dtype=dtype,
         revision=manifest.get("revision"),
         attn_implementation=attn_implementation,
+        device=device,
+    )
+    try:
+        apply_state(model, payload, manifest["method"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise unreadable(checkpoint_dir / TENSORS, e, "compress") from e
+    return model
+
+
+def load_run_model(
+    base: str | Path,
+    dtype: str,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The base model as every forward pass of the audit runs it: run dtype, eval mode.
+
+    The one loader of encode, sliding-window perplexity and the matched search: loading
+    in the run dtype (not casting a float32 model with .to) keeps non-persistent buffers
+    such as rotary `inv_freq` as transformers makes them, so equal weights give
+    bit-identical logits on every path. Compressed block matrices are written into it
+    with `apply_state`, which overwrites every one of them in full.
+    """
+    model = load_model(
+        base,
+        dtype=dtype,
+        revision=revision,
+        attn_implementation=attn_implementation,
         device="cpu",
     )
-    payload = load_file(checkpoint_dir / TENSORS)
-    apply_state(model, payload, manifest["method"])
     return model.to(device).eval()

@@ -33,6 +33,15 @@ def _params(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _expect(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--expect",
+        type=json.loads,
+        default=None,
+        help="JSON: what the shards must record (model, sae, config_hash, n_tokens)",
+    )
+
+
 def _pairs(values: Sequence[str]) -> dict[str, str]:
     """NAME=PATH arguments as a mapping."""
     out: dict[str, str] = {}
@@ -117,14 +126,18 @@ def _tokenize(a: argparse.Namespace) -> Any:
         _params(p),
         p.add_argument("--base", required=True),
         p.add_argument("--variant", required=True),
-        p.add_argument("--matched", default=None, help="matched-sparsity search result (JSON)"),
+        p.add_argument(
+            "--matched", nargs="*", default=[], help="matched-sparsity result (JSON): zero or one"
+        ),
         p.add_argument("--out", required=True),
     ),
 )
 def _compress(a: argparse.Namespace) -> Any:
     from .stages import compress
 
-    return str(compress(a.base, a.variant, a.params, a.out, a.matched))
+    if len(a.matched) > 1:
+        raise SystemExit("compress: --matched takes at most one path")
+    return str(compress(a.base, a.variant, a.params, a.out, a.matched[0] if a.matched else None))
 
 
 @command(
@@ -135,6 +148,7 @@ def _compress(a: argparse.Namespace) -> Any:
         p.add_argument("--target", required=True),
         p.add_argument("--target-nll", nargs="+", required=True),
         p.add_argument("--tokens", nargs="+", required=True),
+        p.add_argument("--model-name", default=None),
         p.add_argument("--out", required=True),
     ),
 )
@@ -150,6 +164,7 @@ def _match(a: argparse.Namespace) -> Any:
         a.params["matched"],
         a.params["encode"],
         a.out,
+        model_name=a.model_name,
     )
 
 
@@ -184,6 +199,7 @@ def _encode(a: argparse.Namespace) -> Any:
 @command(
     "stats",
     lambda p: (
+        _expect(p),
         p.add_argument("--codes", nargs="+", required=True),
         p.add_argument("--out", required=True),
     ),
@@ -191,21 +207,23 @@ def _encode(a: argparse.Namespace) -> Any:
 def _stats(a: argparse.Namespace) -> Any:
     from .stages import fp_stats
 
-    return fp_stats(a.codes, a.out)
+    return fp_stats(a.codes, a.out, expect=a.expect)
 
 
 @command(
     "correlate",
     lambda p: (
+        _expect(p),
         p.add_argument("--fp", nargs="+", required=True),
         p.add_argument("--variant", nargs="+", required=True),
+        p.add_argument("--variant-name", default=None, help="the variant the shards must be of"),
         p.add_argument("--out", required=True),
     ),
 )
 def _correlate(a: argparse.Namespace) -> Any:
     from .stages import correlate
 
-    return correlate(a.fp, a.variant, a.out)
+    return correlate(a.fp, a.variant, a.out, variant=a.variant_name, expect=a.expect)
 
 
 @command(
@@ -227,6 +245,7 @@ def _sliding(a: argparse.Namespace) -> Any:
 @command(
     "perplexity",
     lambda p: (
+        _expect(p),
         p.add_argument("--nll", nargs="+", required=True, help="VARIANT=PATH per NLL shard"),
         p.add_argument("--sliding", nargs="*", default=[], help="VARIANT=PATH per sliding result"),
         p.add_argument("--out", required=True),
@@ -235,7 +254,7 @@ def _sliding(a: argparse.Namespace) -> Any:
 def _perplexity(a: argparse.Namespace) -> Any:
     from .stages import perplexity_table
 
-    return perplexity_table(_grouped(a.nll), _pairs(a.sliding), a.out)
+    return perplexity_table(_grouped(a.nll), _pairs(a.sliding), a.out, expect=a.expect)
 
 
 @command(
@@ -297,6 +316,7 @@ def _overlap(a: argparse.Namespace) -> Any:
     "stability",
     lambda p: (
         _params(p),
+        _expect(p),
         p.add_argument("--fp", nargs="+", required=True),
         p.add_argument("--codes", nargs="+", required=True, help="VARIANT=PATH per code shard"),
         p.add_argument("--out", required=True),
@@ -305,7 +325,7 @@ def _overlap(a: argparse.Namespace) -> Any:
 def _stability(a: argparse.Namespace) -> Any:
     from .stages import stability
 
-    return stability(a.fp, _grouped(a.codes), a.params, a.out).to_dicts()
+    return stability(a.fp, _grouped(a.codes), a.params, a.out, expect=a.expect).to_dicts()
 
 
 @command(
@@ -326,6 +346,7 @@ def _threshold_grid(a: argparse.Namespace) -> Any:
     "contexts",
     lambda p: (
         _params(p),
+        _expect(p),
         p.add_argument("--features", required=True),
         p.add_argument("--fp", nargs="+", required=True),
         p.add_argument("--codes", nargs="+", required=True, help="VARIANT=PATH per code shard"),
@@ -337,7 +358,9 @@ def _threshold_grid(a: argparse.Namespace) -> Any:
 def _contexts(a: argparse.Namespace) -> Any:
     from .stages import contexts
 
-    table = contexts(a.features, a.fp, _grouped(a.codes), a.tokens, a.tokenizer, a.params, a.out)
+    table = contexts(
+        a.features, a.fp, _grouped(a.codes), a.tokens, a.tokenizer, a.params, a.out, expect=a.expect
+    )
     return table.height
 
 
@@ -389,6 +412,22 @@ def _plot(a: argparse.Namespace) -> Any:
         fn(*a.inputs, out=out)
 
 
+@command(
+    "resume",
+    lambda p: p.add_argument(
+        "snakemake_args",
+        nargs=argparse.REMAINDER,
+        help="after `--`: the snakemake arguments of the killed run",
+    ),
+)
+def _resume(a: argparse.Namespace) -> Any:
+    # After kill -9: refuses while the run lives, else `snakemake --unlock` and a re-run.
+    from .hints import resume
+
+    if code := resume(a.snakemake_args):
+        raise SystemExit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sae-audit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -401,7 +440,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    result = _COMMANDS[args.command][0](args)
+    from .files import AuditError
+
+    try:
+        result = _COMMANDS[args.command][0](args)
+    except AuditError as e:
+        # A failure the user can act on: one line naming the file and the fix, last in
+        # the job's log where Snakemake's error points, instead of a library traceback.
+        logging.getLogger("sae_audit").debug("traceback", exc_info=True)
+        print(f"sae-audit {args.command}: error: {e}", file=sys.stderr)
+        return 1
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

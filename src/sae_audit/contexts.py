@@ -10,6 +10,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from .files import InputError, rerun_hint
+from .shards import Expected, pair_shards
+
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 
 
@@ -55,12 +58,17 @@ def damaged_contexts(
     token_ids: np.ndarray,
     tokenizer: Any,
     cfg: ContextConfig,
+    expect: Expected | None = None,
+    check_variants: bool = False,
 ) -> pl.DataFrame:
     """For each variant's most damaged features: top FP contexts and the variant's value there.
 
     Reads only the rows of the chosen features (Parquet predicate pushdown), so cost is
-    bounded by those features' firing counts, not the whole code set.
+    bounded by those features' firing counts, not the whole code set. Every shard is
+    verified first (manifest, provenance), as `shards.pair_shards` does.
     """
+    for name, paths in variant_paths.items():
+        pair_shards(fp_paths, paths, name if check_variants else None, expect)
     chosen = most_damaged(features, cfg.n_features)
     if chosen.is_empty():
         return pl.DataFrame(
@@ -81,6 +89,7 @@ def damaged_contexts(
         .rename({"value": "fp_value"})
         .collect()
     )
+    _check_finite(top, "fp_value", fp_paths)
     frames = []
     for variant, rows in chosen.group_by("variant", maintain_order=True):
         name = str(variant[0])
@@ -92,6 +101,7 @@ def damaged_contexts(
             .rename({"value": "variant_value"})
             .collect()
         )
+        _check_finite(there, "variant_value", variant_paths[name])
         picked = picked.join(there, on=["token", "feature"], how="left").with_columns(
             pl.col("variant_value").fill_null(0.0)
         )
@@ -115,3 +125,12 @@ def damaged_contexts(
         "fp_value",
         "variant_value",
     ).sort(["variant", "damage_rank", "context_rank"])
+
+
+def _check_finite(rows: pl.DataFrame, column: str, paths: Sequence[str | Path]) -> None:
+    bad = rows.filter(~pl.col(column).is_finite())
+    if bad.height:
+        raise InputError(
+            f"non-finite activation {bad[column][0]} (feature {bad['feature'][0]}, token "
+            f"{bad['token'][0]}) in one of {[str(p) for p in paths]}; {rerun_hint('encode')}"
+        )

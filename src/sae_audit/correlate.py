@@ -17,16 +17,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from sae_audit.shards import ShardMetadata, iter_code_batches, read_metadata
-from sae_audit.stats import shard_metadata
+from sae_audit.files import InputError, rerun_hint
+from sae_audit.shards import Expected, ShardMetadata, iter_code_batches, pair_shards, read_metadata
 
 # Relative size under which a variance counts as zero: float64 sums of float32
 # values leave rounding residue ~1e-16 * sum x^2 when all values are equal.
 _ZERO_VARIANCE_RTOL = 1e-12
 _NO_TOKEN = -1  # tokens are >= 0
 _ALL_TOKENS = np.iinfo(np.int64).max
-
-FLAGS = ("fp_silent", "variant_silent", "fp_constant", "variant_constant", "both_constant")
 
 
 @dataclass
@@ -108,7 +106,7 @@ class _SortedStream:
         if token.size == 0:
             return
         if token[0] < self._last_token:
-            raise ValueError(f"{self.path}: rows are not sorted by token")
+            raise InputError(f"{self.path}: rows are not sorted by token; {rerun_hint('encode')}")
         self._last_token = int(token[-1])
         self.token = np.concatenate([self.token, token])
         self.feature = np.concatenate([self.feature, batch.column("feature").to_numpy()])
@@ -142,14 +140,20 @@ def _keys(path: Path, meta: ShardMetadata, token: np.ndarray, feature: np.ndarra
     if token.size == 0:
         return token.astype(np.int64)
     if token[0] < meta.token_start or token[-1] >= meta.token_stop:
-        raise ValueError(
-            f"{path}: tokens outside the declared range [{meta.token_start}, {meta.token_stop})"
+        raise InputError(
+            f"{path}: tokens outside the declared range [{meta.token_start}, {meta.token_stop}); "
+            f"{rerun_hint('encode')}"
         )
     if feature.min() < 0 or feature.max() >= meta.d_sae:
-        raise ValueError(f"{path}: feature index outside [0, d_sae={meta.d_sae})")
+        raise InputError(
+            f"{path}: feature index outside [0, d_sae={meta.d_sae}); {rerun_hint('encode')}"
+        )
     keys = token.astype(np.int64) * meta.d_sae + feature.astype(np.int64)
     if keys.size > 1 and not np.all(np.diff(keys) > 0):
-        raise ValueError(f"{path}: rows not strictly sorted by (token, feature)")
+        raise InputError(
+            f"{path}: rows not strictly sorted by (token, feature) (duplicated or unsorted "
+            f"rows); {rerun_hint('encode')}"
+        )
     return keys
 
 
@@ -266,34 +270,22 @@ def pearson_from_sums(sums: SufficientSums) -> tuple[np.ndarray, np.ndarray]:
 
 
 def correlate_variant(
-    fp_paths: list[Path], variant_paths: list[Path], batch_rows: int = 1 << 20
+    fp_paths: list[Path],
+    variant_paths: list[Path],
+    batch_rows: int = 1 << 20,
+    variant: str | None = None,
+    expect: Expected | None = None,
 ) -> pl.DataFrame:
     """Correlate every feature between FP and variant shard sets.
 
-    Shards are paired by token range; both sets must cover identical ranges
-    with the same d_sae. Columns: feature, r, flag, fp_fire_count,
-    variant_fire_count, n_tokens.
+    Shards are verified (manifest, provenance: see `shards.code_set_metadata`) and paired
+    by token range; both sets must cover identical ranges with the same d_sae. Columns:
+    feature, r, flag, fp_fire_count, variant_fire_count, n_tokens.
     """
-    fp_paths = [Path(p) for p in fp_paths]
-    variant_paths = [Path(p) for p in variant_paths]
-    fp_metas = shard_metadata(fp_paths)
-    var_metas = shard_metadata(variant_paths)
-    fp_by_range = {
-        (m.token_start, m.token_stop): p for m, p in zip(fp_metas, fp_paths, strict=True)
-    }
-    var_by_range = {
-        (m.token_start, m.token_stop): p for m, p in zip(var_metas, variant_paths, strict=True)
-    }
-    if set(fp_by_range) != set(var_by_range):
-        only_fp = sorted(set(fp_by_range) - set(var_by_range))
-        only_var = sorted(set(var_by_range) - set(fp_by_range))
-        raise ValueError(
-            f"FP and variant shards cover different token ranges: only in FP {only_fp}, "
-            f"only in variant {only_var}"
-        )
-    sums = SufficientSums(d_sae=fp_metas[0].d_sae)
-    for rng in sorted(fp_by_range):
-        accumulate_pair(fp_by_range[rng], var_by_range[rng], sums, batch_rows)
+    pairs, fp_meta = pair_shards(fp_paths, variant_paths, variant, expect)
+    sums = SufficientSums(d_sae=fp_meta.d_sae)
+    for fp_path, var_path in pairs:
+        accumulate_pair(fp_path, var_path, sums, batch_rows)
     r, flags = pearson_from_sums(sums)
     return pl.DataFrame(
         {

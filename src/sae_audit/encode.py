@@ -4,6 +4,7 @@ write the nonzero codes as a sparse shard, and the per-token NLL beside it."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,8 +14,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .files import AuditError
 from .models import ActivationCapture
 from .shards import CodeShardWriter, ShardMetadata, read_token_shard, write_nll_shard
+
+
+class NonFiniteError(AuditError):
+    """The forward pass produced NaN or infinity: nothing is written."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,33 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
+def batch_nll(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] per-token NLL of one batch: the forward and loss encode and the matched
+    search both use, so equal weights give bit-identical numbers on both paths."""
+    return token_nll(model(input_ids=batch).logits, batch)
+
+
+_NON_FINITE_FIX = (
+    "try model.dtype: float32 (float16 overflows in some models), check that the checkpoint "
+    "loads (`snakemake --forcerun compress`), or a variant this damaged may be beyond auditing"
+)
+
+
+def _first_non_finite(
+    values: torch.Tensor, where: str, token_of: Callable[[int, int], int]
+) -> None:
+    """Raise NonFiniteError naming the first token whose value is NaN or infinite.
+
+    `values` is 2-D; `token_of(row, col)` is the global token position of an element.
+    """
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        row, col = (int(i) for i in torch.nonzero(bad)[0])
+        raise NonFiniteError(
+            f"{where} is {values[row, col].item()} at token {token_of(row, col)}; {_NON_FINITE_FIX}"
+        )
+
+
 @dataclass
 class EncodeTarget:
     """One SAE to encode with, where its hook is, and where its code shard goes."""
@@ -41,6 +74,7 @@ class EncodeTarget:
     hook: str
     codes_path: str | Path
     sae_name: str  # recorded in the shard metadata
+    config_hash: str | None = None  # this SAE's shard provenance hash (else meta's)
 
 
 @torch.no_grad()
@@ -77,7 +111,13 @@ def encode_shard_multi(
             stack.enter_context(
                 CodeShardWriter(
                     t.codes_path,
-                    replace(nll_meta, d_sae=int(t.sae.cfg.d_sae), hook=t.hook, sae=t.sae_name),
+                    replace(
+                        nll_meta,
+                        d_sae=int(t.sae.cfg.d_sae),
+                        hook=t.hook,
+                        sae=t.sae_name,
+                        config_hash=t.config_hash or nll_meta.config_hash,
+                    ),
                 )
             )
             for t in targets
@@ -88,18 +128,34 @@ def encode_shard_multi(
         ):
             batch = torch.from_numpy(ids[lo : lo + cfg.batch_size]).to(device)
             with ActivationCapture(model, hooks) as capture:
-                logits = model(input_ids=batch).logits
+                nll = batch_nll(model, batch)
             base = token_start + lo * seq_len
+            where = f"model {meta['model']!r}, variant {meta['variant']!r}, shard {token_shard}"
+            # A NaN or inf must never reach a shard: it would turn into r = NaN, or into a
+            # plausible-looking wrong survival number downstream.
+            _first_non_finite(
+                nll, f"{where}: NLL", lambda b, t, base=base: base + b * seq_len + t + 1
+            )
             for target, writer, dtype in zip(targets, writers, dtypes, strict=True):
                 acts = capture.activations[target.hook]
-                codes = target.sae.encode(acts.to(dtype).reshape(-1, acts.shape[-1]))
+                flat = acts.to(dtype).reshape(-1, acts.shape[-1])
+                _first_non_finite(
+                    flat, f"{where}: activation at {target.hook}", lambda n, _, base=base: base + n
+                )
+                codes = target.sae.encode(flat)
                 rows, features = torch.nonzero(codes != 0, as_tuple=True)
+                values = codes[rows, features]
+                if not bool(torch.isfinite(values).all()):
+                    first = int(rows[~torch.isfinite(values)][0])
+                    raise NonFiniteError(
+                        f"{where}: SAE {target.sae_name!r} codes are non-finite at token "
+                        f"{base + first}; {_NON_FINITE_FIX}"
+                    )
                 writer.write(
                     (rows + base).cpu().numpy(),
                     features.to(torch.int32).cpu().numpy(),
-                    codes[rows, features].float().cpu().numpy(),
+                    values.float().cpu().numpy(),
                 )
-            nll = token_nll(logits, batch)
             positions = (
                 base + np.arange(batch.shape[0])[:, None] * seq_len + np.arange(1, seq_len)[None, :]
             )

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from sae_audit.variants import parse_variant
+
+log = logging.getLogger("sae_audit")
 
 
 @dataclass(frozen=True)
@@ -73,3 +79,80 @@ def bisect_sparsity(
             hi = mid
     best = min(trace, key=lambda t: abs(t[2] / target - 1.0))
     return best[1], trace
+
+
+class PruneSearch:
+    """The matched-pruning candidate at any sparsity, exactly as encode would run it.
+
+    Masks come from `checkpoints.compress_state` on the float32 base (what `compress`
+    writes), and are written with `apply_state` into a model loaded by
+    `checkpoints.load_run_model` (what `encode` loads): for the sparsity the search
+    picks, its logits are bit-identical to the encoded checkpoint's.
+    """
+
+    def __init__(
+        self,
+        base: str,
+        target: str,
+        dtype: str = "float32",
+        revision: str | None = None,
+        attn_implementation: str | None = None,
+        device: str | Any = "cpu",
+    ):
+        from .checkpoints import load_run_model
+        from .models import load_model
+
+        self.variant = parse_variant(f"prune-matched-{target}")
+        self.reference = load_model(base, dtype="float32", revision=revision)
+        self.model = load_run_model(
+            base,
+            dtype=dtype,
+            revision=revision,
+            attn_implementation=attn_implementation,
+            device=device,
+        )
+
+    def model_at(self, sparsity: float) -> Any:
+        from .checkpoints import apply_state, compress_state
+
+        payload, method = compress_state(self.reference, self.variant, sparsity=sparsity)
+        return apply_state(self.model, payload, method)
+
+
+def sequence_perplexity(model: Any, ids: np.ndarray, batch_size: int, desc: str = "") -> float:
+    """Token-weighted perplexity of `ids` [n_seq, seq_len] from the encode forward (`batch_nll`)."""
+    import torch
+    from tqdm import tqdm
+
+    from .encode import batch_nll
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for lo in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False):
+            batch = torch.from_numpy(ids[lo : lo + batch_size]).to(device)
+            nll = batch_nll(model, batch)
+            total += float(nll.double().sum())
+            count += nll.numel()
+    return float(np.exp(total / count))
+
+
+def match_sparsity(
+    search: PruneSearch,
+    ids: np.ndarray,
+    target_perplexity: float,
+    cfg: MatchedConfig,
+    batch_size: int,
+) -> tuple[float, list[tuple[int, float, float]]]:
+    """Bisect the sparsity whose pruned model's perplexity on `ids` matches the target's."""
+
+    def perplexity_at(sparsity: float) -> float:
+        ppl = sequence_perplexity(
+            search.model_at(sparsity), ids, batch_size, desc=f"ppl @ sparsity {sparsity:.4f}"
+        )
+        log.info("sparsity %.5f -> perplexity %.4f (target %.4f)", sparsity, ppl, target_perplexity)
+        return ppl
+
+    return bisect_sparsity(
+        perplexity_at, target_perplexity, cfg.lo, cfg.hi, cfg.tolerance, cfg.max_steps
+    )

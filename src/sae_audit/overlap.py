@@ -10,20 +10,27 @@ import polars as pl
 from scipy import stats
 
 
-def jaccard(a: set[int], b: set[int]) -> float:
-    """|a & b| / |a | b|; two empty sets are identical, so their Jaccard is 1.0."""
+def jaccard(a: set[int], b: set[int]) -> float | None:
+    """|a & b| / |a | b|; None for two empty sets, where it is undefined.
+
+    Two variants that damage nothing do not "damage the same features": reporting 1.0
+    there would read as perfect agreement, so the table holds null and a reason.
+    """
     union = a | b
-    return 1.0 if not union else len(a & b) / len(union)
+    return None if not union else len(a & b) / len(union)
 
 
-def _correlation(fn: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """scipy correlation and p-value; NaN (not an exception) when undefined."""
+def _correlation(fn: Any, x: np.ndarray, y: np.ndarray) -> tuple[float | None, float | None]:
+    """scipy correlation and p-value; None (not NaN, not an exception) when undefined."""
     if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan"), float("nan")
+        return None, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = fn(x, y)
-    return float(res.statistic), float(res.pvalue)
+    stat, pvalue = float(res.statistic), float(res.pvalue)
+    if not (np.isfinite(stat) and np.isfinite(pvalue)):
+        return None, None
+    return stat, pvalue
 
 
 def overlap(table_a: pl.DataFrame, table_b: pl.DataFrame) -> dict[str, Any]:
@@ -32,8 +39,9 @@ def overlap(table_a: pl.DataFrame, table_b: pl.DataFrame) -> dict[str, Any]:
     Both tables come from the same FP statistics, so their active sets should
     agree; the intersection is used regardless and both sizes are reported.
     Jaccard of the non-surviving (blurred or destroyed), blurred and destroyed
-    sets; Jaccard of two empty sets is 1.0 (identical sets). Spearman and
-    Pearson of the damage scores (NaN when a side is constant).
+    sets, and Spearman and Pearson of the damage scores. An undefined number (the
+    Jaccard of two empty sets, a correlation with a constant side or fewer than two
+    features) is None, and `reason` says which and why.
     """
     cols = ["feature", "active", "class", "damage"]
     for name, t in (("table_a", table_a), ("table_b", table_b)):
@@ -56,6 +64,11 @@ def overlap(table_a: pl.DataFrame, table_b: pl.DataFrame) -> dict[str, Any]:
     pearson, pearson_p = _correlation(
         stats.pearsonr, joined["damage"].to_numpy(), joined["damage_b"].to_numpy()
     )
+    reasons = []
+    if spearman is None:
+        reasons.append(
+            "spearman/pearson undefined: fewer than 2 shared active features or a constant damage"
+        )
     out: dict[str, Any] = {
         "n": joined.height,
         "n_active_a": int(table_a["active"].sum()),
@@ -74,4 +87,7 @@ def overlap(table_a: pl.DataFrame, table_b: pl.DataFrame) -> dict[str, Any]:
         out[f"n_{label}_a"] = len(a)
         out[f"n_{label}_b"] = len(b)
         out[f"jaccard_{label}"] = jaccard(a, b)
+        if out[f"jaccard_{label}"] is None:
+            reasons.append(f"jaccard_{label} undefined: no {label} features under either variant")
+    out["reason"] = "; ".join(reasons) or None
     return out

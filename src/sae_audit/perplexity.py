@@ -6,31 +6,35 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from .shards import Expected, read_nll_shard
 
-def chunked_perplexity(nll_paths: list[Path], token_stop: int | None = None) -> dict[str, Any]:
+
+def chunked_perplexity(
+    nll_paths: list[Path],
+    token_stop: int | None = None,
+    variant: str | None = None,
+    expect: Expected | None = None,
+) -> dict[str, Any]:
     """Token-weighted perplexity over NLL shards: exp(sum nll / count), float64.
 
     Weighting by token (not averaging per-shard means) keeps the result
     independent of how tokens were split into shards. With ``token_stop``, only
     tokens at positions below it count (a prefix of the token set, as the
-    matched-pruning search evaluates).
+    matched-pruning search evaluates). Each shard is checked (`shards.read_nll_shard`):
+    readable, finite, and of `variant` and `expect.model` when given.
     """
     if not nll_paths:
         raise ValueError("no NLL shards given")
     total = 0.0
     count = 0
     for path in nll_paths:
-        with pq.ParquetFile(path) as pf:
-            for batch in pf.iter_batches(columns=["token", "nll"]):
-                nll = batch.column("nll").to_numpy().astype(np.float64)
-                if token_stop is not None:
-                    nll = nll[batch.column("token").to_numpy() < token_stop]
-                total += float(nll.sum())
-                count += nll.size
+        token, nll = read_nll_shard(path, variant, expect)
+        if token_stop is not None:
+            nll = nll[token < token_stop]
+        total += float(nll.sum())
+        count += nll.size
     if count == 0:
         raise ValueError("NLL shards hold no tokens")
     mean = total / count

@@ -612,6 +612,7 @@ def rtn_vs_pruning_scatter(
         if _kind(b) == "RTN" and _kind(a) != "RTN":
             a, b = b, a
         pairs.append((a, b, r.get("spearman"), r.get("jaccard_nonsurviving")))
+        # null Jaccard: neither variant damaged anything (undefined, not agreement)
     fig, axes = _grid(len(pairs), max_cols=3, w=3.8, h=3.8)
     cuts = (1 - SURVIVED_R, 1 - DESTROYED_R)  # damage 0.1 and 0.5
     for ax, (a, b, rho, jac) in zip(axes, pairs, strict=True):
@@ -658,7 +659,8 @@ def rtn_vs_pruning_scatter(
                     bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1},
                 )
         ax.set_title(
-            f"{a} vs {b}\nSpearman $\\rho$ = {_fmt(rho)}, Jaccard(non-surv.) = {_fmt(jac, '.2f')}",
+            f"{a} vs {b}\nSpearman $\\rho$ = {_fmt(rho)}, Jaccard(non-surv.) = "
+            + (_fmt(jac, ".2f") if jac is not None else "undefined (none damaged)"),
             fontsize=8,
         )
         ax.set_xlabel(f"damage 1 - r, {a}")

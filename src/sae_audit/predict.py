@@ -116,11 +116,13 @@ def predict_survival(
     """Cross-validated logistic regression of survived (vs not) over active features.
 
     Returns a dict: n, n_survived, n_dropped_nonfinite, predictors, auc_mean,
-    auc_sd (sample sd over folds), fold_aucs, coefficients (per standard
+    auc_sd (sd over folds, ddof=0 as the reference study reports it), fold_aucs,
+    coefficients (per standard
     deviation, fit on all rows), intercept, marginal_auc (raw predictor's AUC,
     may be < 0.5), marginal_auc_best (max(auc, 1 - auc)), oof_proba and
-    oof_label and feature (arrays for ROC curves), reason (None, or why AUCs are
-    NaN). Degenerate data gives NaN AUCs and a reason, never an exception.
+    oof_label and feature (arrays for ROC curves; oof_proba NaN where no fold scored
+    a row), reason (None, or why AUCs are undefined). Degenerate data gives None
+    AUCs and a reason, never an exception and never NaN.
     """
     active = _active(feature_table)
     x_all = (
@@ -133,17 +135,17 @@ def predict_survival(
     y = (active.get_column("class") == "survived").to_numpy()[finite].astype(np.int64)
     feature = active.get_column("feature").to_numpy()[finite]
     n, n_pos = int(y.size), int(y.sum())
-    nan_by_name = {p: float("nan") for p in cfg.predictors}
+    nan_by_name: dict[str, float | None] = {p: None for p in cfg.predictors}
     out: dict[str, Any] = {
         "n": n,
         "n_survived": n_pos,
         "n_dropped_nonfinite": int((~finite).sum()),
         "predictors": list(cfg.predictors),
-        "auc_mean": float("nan"),
-        "auc_sd": float("nan"),
+        "auc_mean": None,
+        "auc_sd": None,
         "fold_aucs": [],
         "coefficients": dict(nan_by_name),
-        "intercept": float("nan"),
+        "intercept": None,
         "marginal_auc": dict(nan_by_name),
         "marginal_auc_best": dict(nan_by_name),
         "oof_proba": np.full(n, np.nan),
@@ -182,7 +184,9 @@ def predict_survival(
         fold_aucs.append(float(roc_auc_score(y[test], proba)))
     out["fold_aucs"] = fold_aucs
     out["auc_mean"] = float(np.mean(fold_aucs))
-    out["auc_sd"] = float(np.std(fold_aucs, ddof=1))
+    # Population sd over the folds (ddof=0): the reference study's convention, so the
+    # comparison with its published spread is like for like.
+    out["auc_sd"] = float(np.std(fold_aucs, ddof=0))
     return out
 
 

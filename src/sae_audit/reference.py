@@ -32,12 +32,14 @@ def compare(
 ) -> pl.DataFrame:
     """Long table: variant, metric, paper, run, difference (run - paper).
 
-    Overlap rows are keyed by their RTN side (variant_a) against a matched-pruning
-    variant, the way the reference reports RTN-INT6 vs matched pruning.
+    Overlap metrics on a reference row of variant V are "V vs pruning matched to V",
+    the way the reference reports RTN-INT6 vs matched pruning: the run's row with
+    variant_a == V and variant_b == prune-matched-V, matched on both sides (with
+    several matched targets, any other pairing would compare another pair's numbers).
     """
     reference = pl.read_csv(reference_csv)
     matched = (
-        overlap.filter(pl.col("variant_b").str.starts_with("prune-matched-"))
+        overlap.filter(pl.col("variant_b") == pl.lit("prune-matched-") + pl.col("variant_a"))
         if overlap.width
         else overlap
     )

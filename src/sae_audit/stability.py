@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from .correlate import SufficientSums, TokenFilter, accumulate_selections, pearson_from_sums
-from .stats import shard_metadata
+from .shards import Expected, code_set_metadata, pair_shards
 from .survival import CLASSES, SurvivalConfig, classify
 
 
@@ -56,32 +56,30 @@ def stability_table(
     seq_len: int,
     survival: SurvivalConfig,
     cfg: StabilityConfig,
+    expect: Expected | None = None,
+    check_variants: bool = False,
 ) -> pl.DataFrame:
     """Class fractions per variant for each token budget and random subset.
 
     Active features are re-derived inside each selection (FP firing rate on
-    those tokens), as a smaller study would have seen them.
+    those tokens), as a smaller study would have seen them. Shards are verified as
+    `shards.pair_shards` does; with `check_variants`, each shard must say it is of
+    the variant it is listed under.
     """
     fp_paths = [Path(p) for p in fp_paths]
-    metas = shard_metadata(fp_paths)
+    metas = code_set_metadata(fp_paths, "fp" if check_variants else None, expect)
     n_tokens = sum(m.n_tokens for m in metas)
     if n_tokens % seq_len:
         raise ValueError(f"{n_tokens} tokens is not a whole number of {seq_len}-token sequences")
     d_sae = metas[0].d_sae
     specs = _selections(n_tokens // seq_len, seq_len, cfg)
-    by_range = {(m.token_start, m.token_stop): p for m, p in zip(metas, fp_paths, strict=True)}
     rows = []
     for variant, paths in variant_paths.items():
-        var_by_range = {
-            (m.token_start, m.token_stop): Path(p)
-            for m, p in zip(shard_metadata([Path(p) for p in paths]), paths, strict=True)
-        }
-        if set(var_by_range) != set(by_range):
-            raise ValueError(f"variant {variant!r} shards cover other token ranges than FP's")
+        pairs, _ = pair_shards(fp_paths, paths, variant if check_variants else None, expect)
         sums = [SufficientSums(d_sae=d_sae) for _ in specs]
         selections = [(s, spec[3]) for s, spec in zip(sums, specs, strict=True)]
-        for rng in sorted(by_range):
-            accumulate_selections(by_range[rng], var_by_range[rng], selections)
+        for fp_path, var_path in pairs:
+            accumulate_selections(fp_path, var_path, selections)
         for (kind, fraction, subset, _), acc in zip(specs, sums, strict=True):
             r, _flags = pearson_from_sums(acc)
             active = acc.fire_x / acc.n > survival.active_rate
@@ -96,10 +94,14 @@ def stability_table(
                     "subset": subset,
                     "n_tokens": acc.n,
                     "n_active": n_active,
+                    # No active feature in a selection: the fractions are undefined (null).
                     **{
-                        f"{c}_pct": 100.0 * counts[c] / n_active if n_active else float("nan")
+                        f"{c}_pct": 100.0 * counts[c] / n_active if n_active else None
                         for c in CLASSES
                     },
                 }
             )
-    return pl.DataFrame(rows, schema_overrides={"subset": pl.Int64})
+    return pl.DataFrame(
+        rows,
+        schema_overrides={"subset": pl.Int64, **{f"{c}_pct": pl.Float64 for c in CLASSES}},
+    )

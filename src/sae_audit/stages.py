@@ -6,7 +6,6 @@ directly. Each writes its outputs atomically or not at all.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .config import slice_hash
+from .files import read_json, read_parquet, write_csv, write_json, write_parquet
+from .shards import Expected, encode_hash
 from .tokens import TokenSetConfig, build_token_set, load_token_ids
 from .variants import parse_variant
 
@@ -23,14 +23,6 @@ from .variants import parse_variant
 # table stages run in their own processes and should not pay seconds to import them.
 
 log = logging.getLogger("sae_audit")
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
-    tmp.replace(path)
 
 
 def tokenize(
@@ -65,7 +57,7 @@ def compress(
     sparsity = None
     extra: dict[str, Any] = {}
     if matched_json is not None:
-        search = json.loads(Path(matched_json).read_text())
+        search = read_json(matched_json, "match_sparsity")
         sparsity = float(search["sparsity"])
         extra["matched_search"] = search
     path = write_checkpoint(
@@ -124,11 +116,13 @@ def encode(
     for name, spec in sae_specs.items():
         sae = load_sae(spec, device=device, path=sae_paths.get(name))
         hook = check_compatible(model, sae)
-        targets.append(EncodeTarget(sae, hook, Path(codes_dir) / f"{name}.parquet", name))
+        shard = Path(codes_dir) / f"{name}.parquet"
+        shard_hash = encode_hash(model_params, encode_params, spec)
+        targets.append(EncodeTarget(sae, hook, shard, name, config_hash=shard_hash))
     meta = {
         "model": model_name,
         "variant": manifest["variant"],
-        "config_hash": slice_hash(model_params, sae_specs, encode_params, manifest["method"]),
+        "config_hash": encode_hash(model_params, encode_params),
     }
     info = encode_shard_multi(model, targets, token_shard, nll_path, meta, cfg, device)
     log.info("encoded: %s", info)
@@ -144,20 +138,19 @@ def match_sparsity(
     matched_params: dict[str, Any],
     encode_params: dict[str, Any],
     out_path: str,
+    model_name: str | None = None,
 ) -> dict[str, Any]:
     """Bisection on pruning sparsity until the pruned model's perplexity matches the target's.
 
     The target's perplexity comes from its encode NLL shards (no second forward pass),
-    restricted to the same sequences the search evaluates.
+    restricted to the same sequences the search evaluates; the search runs the model
+    as encode does (`matched.PruneSearch`).
     """
-    import torch
-    from tqdm import tqdm
-
-    from .encode import token_nll
-    from .matched import MatchedConfig, bisect_sparsity
-    from .models import DTYPES, load_model, resolve_device, target_weights
+    from .matched import MatchedConfig, PruneSearch
+    from .matched import match_sparsity as search_sparsity
+    from .models import resolve_device
     from .perplexity import chunked_perplexity
-    from .prune import magnitude_mask
+    from .shards import Expected
 
     cfg = MatchedConfig(
         target=target,
@@ -171,34 +164,21 @@ def match_sparsity(
     n_seq = matched_params.get("n_sequences") or len(ids)
     ids = ids[:n_seq]
     target_ppl = chunked_perplexity(
-        [Path(p) for p in target_nll_paths], token_stop=n_seq * ids.shape[1]
+        [Path(p) for p in target_nll_paths],
+        token_stop=n_seq * ids.shape[1],
+        variant=target,
+        expect=Expected(model=model_name),
     )["perplexity"]
-    model = load_model(base, dtype="float32", revision=model_params.get("revision"))
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    run_dtype = DTYPES[model_params.get("dtype", "float32")]
-    batch_size = int(encode_params.get("batch_size", 16))
-
-    @torch.no_grad()
-    def perplexity_at(sparsity: float) -> float:
-        model.load_state_dict(original)
-        for _, param in target_weights(model):
-            param.mul_(magnitude_mask(param, sparsity).to(param.dtype))
-        model.to(device=device, dtype=run_dtype)
-        total, count = 0.0, 0
-        for lo in tqdm(
-            range(0, len(ids), batch_size), desc=f"ppl @ sparsity {sparsity:.4f}", leave=False
-        ):
-            batch = torch.from_numpy(ids[lo : lo + batch_size]).to(device)
-            nll = token_nll(model(input_ids=batch).logits, batch)
-            total += float(nll.double().sum())
-            count += nll.numel()
-        model.to(device="cpu", dtype=torch.float32)
-        ppl = float(np.exp(total / count))
-        log.info("sparsity %.5f -> perplexity %.4f (target %.4f)", sparsity, ppl, target_ppl)
-        return ppl
-
-    best, trace = bisect_sparsity(
-        perplexity_at, target_ppl, cfg.lo, cfg.hi, cfg.tolerance, cfg.max_steps
+    search = PruneSearch(
+        base,
+        target,
+        dtype=model_params.get("dtype", "float32"),
+        revision=model_params.get("revision"),
+        attn_implementation=model_params.get("attn_implementation"),
+        device=device,
+    )
+    best, trace = search_sparsity(
+        search, ids, target_ppl, cfg, batch_size=int(encode_params.get("batch_size", 16))
     )
     result = {
         "target": target,
@@ -213,18 +193,33 @@ def match_sparsity(
 
 
 # ---------------------------------------------------------------- analysis
-def fp_stats(code_paths: list[str], out_path: str) -> dict[str, Any]:
+def fp_stats(
+    code_paths: list[str], out_path: str, expect: dict[str, Any] | None = None
+) -> dict[str, Any]:
     from .stats import fp_feature_stats
 
-    table = fp_feature_stats([Path(p) for p in code_paths])
+    table = fp_feature_stats(
+        [Path(p) for p in code_paths], expect=Expected.from_dict(expect), variant="fp"
+    )
     write_parquet(table, out_path)
     return {"d_sae": table.height, "n_fired": int((table["firing_count"] > 0).sum())}
 
 
-def correlate(fp_paths: list[str], variant_paths: list[str], out_path: str) -> dict[str, Any]:
+def correlate(
+    fp_paths: list[str],
+    variant_paths: list[str],
+    out_path: str,
+    variant: str | None = None,
+    expect: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     from .correlate import correlate_variant
 
-    table = correlate_variant([Path(p) for p in fp_paths], [Path(p) for p in variant_paths])
+    table = correlate_variant(
+        [Path(p) for p in fp_paths],
+        [Path(p) for p in variant_paths],
+        variant=variant,
+        expect=Expected.from_dict(expect),
+    )
     write_parquet(table, out_path)
     return {"n_features": table.height, "flags": table["flag"].value_counts().to_dicts()}
 
@@ -269,8 +264,17 @@ def sliding_perplexity(
         batch_size=int(enc.get("batch_size", 16)),
         device=device,
     )
+    variant = read_manifest(checkpoint)["variant"]
+    if not np.isfinite(nll_sum):
+        from .encode import NonFiniteError
+
+        raise NonFiniteError(
+            f"sliding-window perplexity of {variant!r} ({checkpoint}) is non-finite "
+            f"(NLL sum {nll_sum}); try model.dtype: float32, or re-make the checkpoint with "
+            "`snakemake --cores all --forcerun compress`"
+        )
     result = {
-        "variant": read_manifest(checkpoint)["variant"],
+        "variant": variant,
         "nll_sum": nll_sum,
         "n_scored": n_scored,
         "perplexity": float(np.exp(nll_sum / n_scored)),
@@ -283,21 +287,35 @@ def sliding_perplexity(
 
 
 def perplexity_table(
-    nll_paths: dict[str, list[str]], sliding_paths: dict[str, str], out_path: str
+    nll_paths: dict[str, list[str]],
+    sliding_paths: dict[str, str],
+    out_path: str,
+    expect: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Chunked (from encode NLL shards) and sliding-window perplexity per variant, with % change vs FP."""
+    """Chunked (from encode NLL shards) and sliding-window perplexity per variant, with % change vs FP.
+
+    Every NLL shard must say it is of the variant it is listed under (and of
+    `expect["model"]`), and so must every sliding-window result.
+    """
+    from .files import InputError, rerun_hint
     from .perplexity import chunked_perplexity
 
+    expected = Expected.from_dict(expect)
     rows = []
     for variant, paths in nll_paths.items():
-        chunked = chunked_perplexity([Path(p) for p in paths])
+        chunked = chunked_perplexity([Path(p) for p in paths], variant=variant, expect=expected)
         row: dict[str, Any] = {
             "variant": variant,
             "n_tokens": chunked["n_tokens"],
             "ppl_chunked": chunked["perplexity"],
         }
         if variant in sliding_paths:
-            sliding = json.loads(Path(sliding_paths[variant]).read_text())
+            sliding = read_json(sliding_paths[variant], "sliding_perplexity")
+            if sliding.get("variant") != variant:
+                raise InputError(
+                    f"{sliding_paths[variant]}: holds variant {sliding.get('variant')!r}, "
+                    f"listed as {variant!r}; {rerun_hint('sliding_perplexity')}"
+                )
             row.update(ppl_sliding=sliding["perplexity"], n_tokens_sliding=sliding["n_scored"])
         rows.append(row)
     table = pl.DataFrame(rows)
@@ -323,31 +341,21 @@ def survival(
     from .survival import SurvivalConfig, feature_table, summary
 
     cfg = SurvivalConfig(**params)
-    stats = pl.read_parquet(fp_stats_path)
-    tables = {
-        v: feature_table(stats, pl.read_parquet(p), cfg) for v, p in correlation_paths.items()
-    }
+    stats = read_parquet(fp_stats_path)
+    tables = {v: feature_table(stats, read_parquet(p), cfg) for v, p in correlation_paths.items()}
     long = pl.concat(
         [t.with_columns(pl.lit(v).alias("variant")) for v, t in tables.items()],
         how="vertical_relaxed",
     )
     write_parquet(long.select("variant", pl.exclude("variant")), features_out)
-    table = summary(tables, pl.read_parquet(perplexity_path))
+    table = summary(tables, read_parquet(perplexity_path))
     write_parquet(table, summary_out)
-    table.write_csv(Path(summary_out).with_suffix(".csv"))
+    write_csv(table, Path(summary_out).with_suffix(".csv"))
     return table
 
 
-def write_parquet(frame: pl.DataFrame, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.write_parquet(tmp)
-    tmp.replace(path)
-
-
 def _by_variant(features_path: str) -> dict[str, pl.DataFrame]:
-    features = pl.read_parquet(features_path)
+    features = read_parquet(features_path)
     return {str(k[0]): t for k, t in features.group_by("variant", maintain_order=True)}
 
 
@@ -379,9 +387,9 @@ def predict(features_path: str, params: dict[str, Any], out_dir: str) -> pl.Data
                 {
                     "variant": variant,
                     "predictor": name,
-                    "coefficient": res["coefficients"].get(name, float("nan")),
-                    "marginal_auc": res["marginal_auc"].get(name, float("nan")),
-                    "marginal_auc_best": res["marginal_auc_best"].get(name, float("nan")),
+                    "coefficient": res["coefficients"].get(name),
+                    "marginal_auc": res["marginal_auc"].get(name),
+                    "marginal_auc_best": res["marginal_auc_best"].get(name),
                 }
             )
             for q in (4, 10):
@@ -395,15 +403,33 @@ def predict(features_path: str, params: dict[str, Any], out_dir: str) -> pl.Data
                 {
                     "variant": variant,
                     "feature": np.asarray(res["feature"], dtype=np.int32),
-                    "proba": np.asarray(res["oof_proba"], dtype=np.float64),
+                    # null where no fold scored the row (too few of a class for the folds)
+                    "proba": pl.Series(np.asarray(res["oof_proba"], dtype=np.float64)).fill_nan(
+                        None
+                    ),
                     "label": np.asarray(res["oof_label"], dtype=bool),
                 }
             )
         )
     out = Path(out_dir)
-    summary = pl.DataFrame(rows, schema_overrides={"reason": pl.String})
+    floats = {"auc_mean", "auc_sd", "intercept", "coefficient", "marginal_auc", "marginal_auc_best"}
+    summary = pl.DataFrame(
+        rows,
+        schema_overrides={
+            "reason": pl.String,
+            **{k: pl.Float64 for k in floats & {"auc_mean", "auc_sd", "intercept"}},
+        },
+    )
     write_parquet(summary, out / "predict.parquet")
-    write_parquet(pl.DataFrame(coefficients), out / "predict_coefficients.parquet")
+    write_parquet(
+        pl.DataFrame(
+            coefficients,
+            schema_overrides={
+                k: pl.Float64 for k in ("coefficient", "marginal_auc", "marginal_auc_best")
+            },
+        ),
+        out / "predict_coefficients.parquet",
+    )
     write_parquet(pl.concat(oof, how="vertical_relaxed"), out / "predict_oof.parquet")
     by_q = pl.concat(quantiles, how="vertical_relaxed")
     write_parquet(
@@ -419,7 +445,15 @@ def overlap_table(features_path: str, pairs: list[list[str]], out_path: str) -> 
 
     tables = _by_variant(features_path)
     rows = [{"variant_a": a, "variant_b": b, **overlap(tables[a], tables[b])} for a, b in pairs]
-    table = pl.DataFrame(rows)
+    # Undefined numbers are null (None), never NaN; keep their columns Float64 when all are.
+    table = (
+        pl.DataFrame(rows, infer_schema_length=None).with_columns(
+            pl.col(r"^(jaccard|spearman|pearson).*$").cast(pl.Float64),
+            pl.col("reason").cast(pl.String),
+        )
+        if rows
+        else pl.DataFrame(rows)
+    )
     write_parquet(table, out_path)
     return table
 
@@ -429,6 +463,7 @@ def stability(
     variant_codes: dict[str, list[str]],
     params: dict[str, Any],
     out_path: str,
+    expect: dict[str, Any] | None = None,
 ) -> pl.DataFrame:
     from .stability import StabilityConfig, stability_table
     from .survival import SurvivalConfig
@@ -436,6 +471,8 @@ def stability(
     table = stability_table(
         fp_codes,
         variant_codes,
+        expect=Expected.from_dict(expect),
+        check_variants=True,
         seq_len=params["seq_len"],
         survival=SurvivalConfig(**params["analysis"]),
         cfg=StabilityConfig(
@@ -465,11 +502,12 @@ def contexts(
     tokenizer_source: str,
     params: dict[str, Any],
     out_path: str,
+    expect: dict[str, Any] | None = None,
 ) -> pl.DataFrame:
     from .contexts import ContextConfig, damaged_contexts
     from .models import load_tokenizer
 
-    features = pl.read_parquet(features_path).filter(pl.col("variant").is_in(list(variant_codes)))
+    features = read_parquet(features_path).filter(pl.col("variant").is_in(list(variant_codes)))
     table = damaged_contexts(
         features,
         fp_codes,
@@ -477,9 +515,11 @@ def contexts(
         load_token_ids(token_paths),
         load_tokenizer(tokenizer_source),
         ContextConfig(**params),
+        expect=Expected.from_dict(expect),
+        check_variants=True,
     )
     write_parquet(table, out_path)
-    table.write_csv(Path(out_path).with_suffix(".csv"))
+    write_csv(table, Path(out_path).with_suffix(".csv"))
     return table
 
 
@@ -491,10 +531,10 @@ def reference_comparison(
     tables = Path(tables_dir)
     table = compare(
         reference_csv,
-        pl.read_parquet(tables / "survival.parquet"),
-        pl.read_parquet(perplexity_path),
-        pl.read_parquet(tables / "predict.parquet"),
-        pl.read_parquet(tables / "overlap.parquet"),
+        read_parquet(tables / "survival.parquet"),
+        read_parquet(perplexity_path),
+        read_parquet(tables / "predict.parquet"),
+        read_parquet(tables / "overlap.parquet"),
     )
     write_parquet(table, out_path)
     return table

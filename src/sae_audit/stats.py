@@ -6,54 +6,21 @@ so memory never grows with the number of tokens.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from sae_audit.shards import ShardMetadata, iter_code_batches, read_metadata
-
-STATS_COLUMNS = (
-    "feature",
-    "firing_count",
-    "firing_rate",
-    "mean_when_firing",
-    "peak",
-    "sum",
-    "sum_sq",
-    "n_tokens",
-)
+from sae_audit.files import InputError, rerun_hint
+from sae_audit.shards import Expected, ShardMetadata, code_set_metadata, iter_code_batches
 
 
-def shard_metadata(paths: list[Path]) -> list[ShardMetadata]:
-    """Read and cross-check metadata of a set of shards of one (model, variant).
-
-    All shards must agree on d_sae and their token ranges must not overlap, so
-    summing the ranges gives the number of tokens they cover.
-    """
-    if not paths:
-        raise ValueError("no shards given")
-    metas = [read_metadata(p) for p in paths]
-    d_sae = {m.d_sae for m in metas}
-    if len(d_sae) != 1:
-        raise ValueError(f"shards disagree on d_sae: {sorted(d_sae)}")
-    ordered = sorted(zip(metas, paths, strict=True), key=lambda mp: mp[0].token_start)
-    for (prev, prev_path), (cur, cur_path) in itertools.pairwise(ordered):
-        if cur.token_start < prev.token_stop:
-            raise ValueError(
-                f"token ranges overlap: {prev_path} [{prev.token_start}, {prev.token_stop}) "
-                f"and {cur_path} [{cur.token_start}, {cur.token_stop})"
-            )
-    for m, p in ordered:
-        if m.token_stop <= m.token_start:
-            raise ValueError(
-                f"{p}: empty or inverted token range [{m.token_start}, {m.token_stop})"
-            )
-    return metas
-
-
-def fp_feature_stats(shard_paths: list[Path], n_tokens: int | None = None) -> pl.DataFrame:
+def fp_feature_stats(
+    shard_paths: list[Path],
+    n_tokens: int | None = None,
+    expect: Expected | None = None,
+    variant: str | None = None,
+) -> pl.DataFrame:
     """Firing statistics of every feature (0..d_sae-1) over the given FP code shards.
 
     A feature fires on a token when its activation is > 0. ``firing_rate`` is
@@ -63,7 +30,7 @@ def fp_feature_stats(shard_paths: list[Path], n_tokens: int | None = None) -> pl
     ``sum_sq`` run over all stored (nonzero) values, i.e. over all tokens.
     """
     paths = [Path(p) for p in shard_paths]
-    metas = shard_metadata(paths)
+    metas = code_set_metadata(paths, variant, expect)
     d_sae = metas[0].d_sae
     total = sum(m.n_tokens for m in metas)
     if n_tokens is not None:
@@ -77,11 +44,12 @@ def fp_feature_stats(shard_paths: list[Path], n_tokens: int | None = None) -> pl
     total_sum = np.zeros(d_sae, dtype=np.float64)
     total_sq = np.zeros(d_sae, dtype=np.float64)
     for path, meta in zip(paths, metas, strict=True):
+        last_key = -1
         for batch in iter_code_batches(path):
             feature = batch.column("feature").to_numpy()
             value = batch.column("value").to_numpy().astype(np.float64)
             token = batch.column("token").to_numpy()
-            _check_batch(path, meta, token, feature)
+            last_key = _check_batch(path, meta, token, feature, last_key)
             total_sum += np.bincount(feature, weights=value, minlength=d_sae)
             total_sq += np.bincount(feature, weights=value * value, minlength=d_sae)
             pos = value > 0
@@ -105,13 +73,30 @@ def fp_feature_stats(shard_paths: list[Path], n_tokens: int | None = None) -> pl
     ).with_columns(pl.col("mean_when_firing").fill_nan(None))
 
 
-def _check_batch(path: Path, meta: ShardMetadata, token: np.ndarray, feature: np.ndarray) -> None:
-    """Reject rows outside the shard's declared token range or feature space."""
+def _check_batch(
+    path: Path, meta: ShardMetadata, token: np.ndarray, feature: np.ndarray, last_key: int
+) -> int:
+    """Reject rows outside the shard's range or feature space, duplicated or unsorted.
+
+    A duplicated (token, feature) row would be counted twice; the schema promises rows
+    strictly sorted by (token, feature), which also rules duplicates out. Returns the
+    batch's last key, for the next batch to continue from.
+    """
     if token.size == 0:
-        return
+        return last_key
     if token.min() < meta.token_start or token.max() >= meta.token_stop:
-        raise ValueError(
-            f"{path}: tokens outside the declared range [{meta.token_start}, {meta.token_stop})"
+        raise InputError(
+            f"{path}: tokens outside the declared range [{meta.token_start}, {meta.token_stop}); "
+            f"{rerun_hint('encode')}"
         )
     if feature.min() < 0 or feature.max() >= meta.d_sae:
-        raise ValueError(f"{path}: feature index outside [0, d_sae={meta.d_sae})")
+        raise InputError(
+            f"{path}: feature index outside [0, d_sae={meta.d_sae}); {rerun_hint('encode')}"
+        )
+    keys = token.astype(np.int64) * meta.d_sae + feature.astype(np.int64)
+    if keys[0] <= last_key or (keys.size > 1 and not bool(np.all(np.diff(keys) > 0))):
+        raise InputError(
+            f"{path}: rows not strictly sorted by (token, feature) (duplicated or unsorted "
+            f"rows); {rerun_hint('encode')}"
+        )
+    return int(keys[-1])

@@ -10,12 +10,17 @@ Two steps, each one function:
   with `tokens.join`, tokenize that stream once, cut `n_sequences` contiguous
   chunks of `seq_len` tokens (after an optional BOS), and write them as shards.
 
-The reference study (WikiText-2 raw train, non-empty lines joined with blank
-lines, no special tokens, 512-token chunks) is::
+The reference study (WikiText-2 raw train: the dataset's non-empty rows joined
+with blank lines, each row raw, its leading space and trailing newline kept; no
+special tokens; 512-token chunks) is::
 
     tokens: {source: hf, dataset: {path: wikitext, name: wikitext-2-raw-v1, split: train},
-             text_column: text, drop_empty: true, join: "\\n\\n",
-             add_special_tokens: false, bos: false, seq_len: 512, n_sequences: 390}
+             text_column: text, line_documents: false, strip: false, drop_empty: true,
+             join: "\\n\\n", add_special_tokens: false, bos: false, seq_len: 512,
+             n_sequences: 390}
+
+`strip` defaults to true, which changes the text (and so the token ids) of WikiText
+rows: the reference recipe must turn it off (config/paper.yaml does).
 """
 
 from __future__ import annotations

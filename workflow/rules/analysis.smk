@@ -15,8 +15,9 @@ rule fp_stats:
         "../../envs/analysis.yaml"
     params:
         codes=lambda w: code_files(w.model, "fp", w.sae),
+        expect=lambda w: shard_expectation(w.model, w.sae),
     shell:
-        "sae-audit stats --codes {params.codes} --out {output} > {log} 2>&1"
+        "sae-audit stats --expect {params.expect:q} --codes {params.codes:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule correlate:
@@ -34,8 +35,10 @@ rule correlate:
     params:
         fp=lambda w: code_files(w.model, "fp", w.sae),
         variant=lambda w: code_files(w.model, w.variant, w.sae),
+        expect=lambda w: shard_expectation(w.model, w.sae),
     shell:
-        "sae-audit correlate --fp {params.fp} --variant {params.variant} --out {output} > {log} 2>&1"
+        "sae-audit correlate --expect {params.expect:q} --fp {params.fp:q} --variant {params.variant:q} "
+        "--variant-name {wildcards.variant:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule sliding_perplexity:
@@ -65,8 +68,8 @@ rule sliding_perplexity:
             encode=config["encode"],
         ),
     shell:
-        "sae-audit sliding-perplexity --params {params.cfg:q} --checkpoint {input.checkpoint} "
-        "--tokens {params.tokens} --tokenizer {params.tokenizer} --out {output} > {log} 2>&1"
+        "sae-audit sliding-perplexity --params {params.cfg:q} --checkpoint {input.checkpoint:q} "
+        "--tokens {params.tokens:q} --tokenizer {params.tokenizer:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule perplexity:
@@ -84,8 +87,10 @@ rule perplexity:
     params:
         nll=lambda w: [f"{v}={p}" for v in ALL_VARIANTS for p in nll_shards(w.model, v)],
         sliding=lambda w: [f"{v}={p}" for v, p in sliding_files(w.model).items()],
+        expect=lambda w: shard_expectation(w.model),
     shell:
-        "sae-audit perplexity --nll {params.nll} --sliding {params.sliding} --out {output} > {log} 2>&1"
+        "sae-audit perplexity --expect {params.expect:q} --nll {params.nll:q} --sliding {params.sliding:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule survival:
@@ -112,9 +117,9 @@ rule survival:
         ],
         cfg=dumps(config["analysis"]),
     shell:
-        "sae-audit survival --params {params.cfg:q} --fp-stats {input.fp_stats} "
-        "--correlation {params.correlation} --perplexity {input.perplexity} "
-        "--features-out {output.features} --summary-out {output.summary} > {log} 2>&1"
+        "sae-audit survival --params {params.cfg:q} --fp-stats {input.fp_stats:q} "
+        "--correlation {params.correlation:q} --perplexity {input.perplexity:q} "
+        "--features-out {output.features:q} --summary-out {output.summary:q} > {log:q} 2>&1"
 
 
 rule predict:
@@ -135,7 +140,7 @@ rule predict:
         cfg=dumps(config["predict"]),
         out_dir=lambda w: f"{R}/tables/{w.model}/{w.sae}",
     shell:
-        "sae-audit predict --params {params.cfg:q} --features {input} --out-dir {params.out_dir} > {log} 2>&1"
+        "sae-audit predict --params {params.cfg:q} --features {input:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule overlap:
@@ -152,7 +157,7 @@ rule overlap:
     params:
         cfg=dumps(pairs=audit_config.overlap_pairs(config)),
     shell:
-        "sae-audit overlap --params {params.cfg:q} --features {input} --out {output} > {log} 2>&1"
+        "sae-audit overlap --params {params.cfg:q} --features {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule stability:
@@ -179,8 +184,9 @@ rule stability:
                 k: config["stability"][k] for k in ("token_budgets", "subsets", "seed")
             },
         ),
+        expect=lambda w: shard_expectation(w.model, w.sae),
     shell:
-        "sae-audit stability --params {params.cfg:q} --fp {params.fp} --codes {params.codes} --out {output} > {log} 2>&1"
+        "sae-audit stability --params {params.cfg:q} --expect {params.expect:q} --fp {params.fp:q} --codes {params.codes:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule threshold_grid:
@@ -197,7 +203,7 @@ rule threshold_grid:
             {k: config["stability"][k] for k in ("survived_grid", "destroyed_grid")}
         ),
     shell:
-        "sae-audit threshold-grid --params {params.cfg:q} --features {input} --out {output} > {log} 2>&1"
+        "sae-audit threshold-grid --params {params.cfg:q} --features {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule damaged_contexts:
@@ -222,10 +228,11 @@ rule damaged_contexts:
         tokens=lambda w: token_files(w.model),
         tokenizer=tokenizer_source,
         cfg=dumps(config["inspect"]),
+        expect=lambda w: shard_expectation(w.model, w.sae),
     shell:
-        "sae-audit contexts --params {params.cfg:q} --features {input.features} --fp {params.fp} "
-        "--codes {params.codes} --tokens {params.tokens} --tokenizer {params.tokenizer} "
-        "--out {output.parquet} > {log} 2>&1"
+        "sae-audit contexts --params {params.cfg:q} --expect {params.expect:q} --features {input.features:q} --fp {params.fp:q} "
+        "--codes {params.codes:q} --tokens {params.tokens:q} --tokenizer {params.tokenizer:q} "
+        "--out {output.parquet:q} > {log:q} 2>&1"
 
 
 rule reference_comparison:
@@ -244,5 +251,5 @@ rule reference_comparison:
     params:
         tables=lambda w: f"{R}/tables/{w.model}/{w.sae}",
     shell:
-        "sae-audit reference --reference {input.reference} --tables-dir {params.tables} "
-        "--perplexity {input.perplexity} --out {output} > {log} 2>&1"
+        "sae-audit reference --reference {input.reference:q} --tables-dir {params.tables:q} "
+        "--perplexity {input.perplexity:q} --out {output:q} > {log:q} 2>&1"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from sae_audit import config as audit_config
 from sae_audit.config import FIXTURE
+from sae_audit.shards import encode_hash
 
 R = config["results"]
 MODELS = audit_config.model_names(config)
@@ -96,6 +97,20 @@ def code_dirs(model, variant):
 
 def code_files(model, variant, sae):
     return [f"{d}/{sae}.parquet" for d in code_dirs(model, variant)]
+
+
+def shard_expectation(model, sae=None):
+    """What readers check every shard's metadata against (sae_audit.shards.Expected):
+    the model, and for code shards the SAE, encode's config hash and the token count."""
+    expect = {"model": model}
+    if sae is not None:
+        m = model_cfg(model)
+        expect.update(
+            sae=sae,
+            config_hash=encode_hash(m["model"], config["encode"], m["saes"][sae]),
+            n_tokens=m["tokens"]["n_sequences"] * m["tokens"]["seq_len"],
+        )
+    return dumps(expect)
 
 
 def nll_shards(model, variant):

@@ -19,13 +19,10 @@ rule compress:
         runtime=lambda w: model_cfg(w.model)["resources"]["runtime"],
     params:
         base=base_model,
-        matched=lambda w, input: (
-            f"--matched {input.matched[0]}" if input.matched else ""
-        ),
         cfg=lambda w: dumps(model_cfg(w.model)["model"]),
     shell:
-        "sae-audit compress --params {params.cfg:q} --base {params.base} --variant {wildcards.variant} "
-        "{params.matched} --out {output} > {log} 2>&1"
+        "sae-audit compress --params {params.cfg:q} --base {params.base:q} --variant {wildcards.variant:q} "
+        "--matched {input.matched:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule match_sparsity:
@@ -58,5 +55,6 @@ rule match_sparsity:
             encode=config["encode"],
         ),
     shell:
-        "sae-audit match-sparsity --params {params.cfg:q} --base {params.base} --target {wildcards.target} "
-        "--target-nll {input.target_nll} --tokens {params.tokens} --out {output} > {log} 2>&1"
+        "sae-audit match-sparsity --params {params.cfg:q} --base {params.base:q} --target {wildcards.target:q} "
+        "--target-nll {input.target_nll:q} --tokens {params.tokens:q} --model-name {wildcards.model:q} "
+        "--out {output:q} > {log:q} 2>&1"
