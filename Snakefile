@@ -39,22 +39,11 @@ include: "workflow/rules/analysis.smk"
 include: "workflow/rules/plots.smk"
 
 
-# Seconds-long table jobs run on the submit host instead of queueing on a cluster.
-localrules:
-    all,
-    fp_stats,
-    correlate,
-    perplexity,
-    survival,
-    predict,
-    overlap,
-    threshold_grid,
-
-
 rule all:
     default_target: True
     input:
         all_targets(),
+    localrule: True
 
 
 onerror:

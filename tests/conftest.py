@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -204,3 +206,83 @@ def save_tiny_model(
     model.eval().save_pretrained(path)
     save_tokenizer(tiny_tokenizer(vocab_size), path)
     return path
+
+
+# ---------------------------------------------------------------- codes written as real shards
+def write_dense(
+    root: Path,
+    variant: str,
+    dense: np.ndarray,
+    n_shards: int,
+    row_group_size: int = 1 << 20,
+    rows_per_write: int = 17,
+    d_sae: int | None = None,
+) -> list[Path]:
+    """Write a dense [n_tokens, d_sae] code matrix as sparse shards split by token."""
+    from sae_audit.shards import CodeShardWriter, ShardMetadata
+
+    n_tokens, d = dense.shape
+    bounds = np.linspace(0, n_tokens, n_shards + 1).astype(int)
+    paths = []
+    for i, (start, stop) in enumerate(itertools.pairwise(bounds)):
+        meta = ShardMetadata(
+            model="m",
+            variant=variant,
+            sae="s",
+            hook="h",
+            d_sae=d_sae or d,
+            token_start=int(start),
+            token_stop=int(stop),
+            config_hash="x",
+        )
+        path = root / variant / f"shard-{i}.parquet"
+        with CodeShardWriter(path, meta, row_group_size=row_group_size) as w:
+            for t0 in range(start, stop, rows_per_write):
+                block = dense[t0 : min(t0 + rows_per_write, stop)]
+                tok, feat = np.nonzero(block)
+                w.write(tok + t0, feat.astype(np.int32), block[tok, feat].astype(np.float32))
+        paths.append(path)
+    return paths
+
+
+def sparse_random(rng: np.random.Generator, n: int, d: int, density: float) -> np.ndarray:
+    x = rng.exponential(1.0, size=(n, d)) * (rng.random((n, d)) < density)
+    return x.astype(np.float32).astype(np.float64)
+
+
+# ---------------------------------------------------------------- the fixture, small, once per session
+# Shared by tests/test_fixture_*.py: corpus -> tokenizer -> model, each built once.
+# Imports stay inside the fixtures so that collecting the suite does not pay for them.
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    from sae_audit.fixture.corpus import build_corpus
+
+    from .test_fixture_corpus import SMALL_CORPUS
+
+    root = tmp_path_factory.mktemp("corpus")
+    stats = build_corpus(SMALL_CORPUS, root / "train.txt", root / "heldout.txt")
+    return root / "train.txt", root / "heldout.txt", stats
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(
+    corpus: tuple[Path, Path, dict], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    from sae_audit.fixture.tokenizer import TokenizerConfig, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(TokenizerConfig(vocab_size=512), corpus[0], out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(
+    corpus: tuple[Path, Path, dict], tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    from sae_audit.fixture.model import train_model
+
+    from .test_fixture_model import TINY_MODEL
+
+    out = tmp_path_factory.mktemp("model")
+    train_model(TINY_MODEL, tokenizer_dir, corpus[0], corpus[1], out)
+    return out

@@ -6,8 +6,7 @@ import polars as pl
 import pytest
 
 from sae_audit import config as audit_config
-from sae_audit.prefetch import fetch, plan
-from sae_audit.reference import compare
+from sae_audit.prefetch import plan
 
 from .conftest import ROOT, planned_jobs, snakemake
 
@@ -42,11 +41,6 @@ def test_paper_config_facts():
     assert not any(i.local for i in plan(cfg))
 
 
-def test_prefetch_of_local_config_fetches_nothing():
-    cfg = audit_config.load(ROOT / "config" / "config.yaml")
-    assert {d["status"] for d in fetch(cfg)} == {"local"}
-
-
 @pytest.mark.parametrize("model", ["pythia-70m", "gemma-2-2b"])
 def test_reference_numbers_match_the_shared_table(model):
     # config/reference/*.csv transcribe shared/reference/paper-results.md; spot-check the headline.
@@ -67,31 +61,3 @@ def test_reference_numbers_match_the_shared_table(model):
             assert row["survived_pct"] + row["blurred_pct"] + row["destroyed_pct"] == pytest.approx(
                 100, abs=0.02
             )
-
-
-def test_compare_puts_run_beside_paper(tmp_path):
-    ref = tmp_path / "ref.csv"
-    ref.write_text(
-        "variant,perplexity,survived_pct,auc_mean,spearman\nfp,10.0,100,,\nrtn-int6,12.0,60.0,0.9,0.95\n"
-    )
-    survival = pl.DataFrame({"variant": ["rtn-int6"], "survived_pct": [55.0]})
-    perplexity = pl.DataFrame({"variant": ["fp", "rtn-int6"], "ppl_chunked": [10.5, 12.0]})
-    predict = pl.DataFrame({"variant": ["rtn-int6"], "auc_mean": [0.8]})
-    overlap = pl.DataFrame(
-        {
-            "variant_a": ["rtn-int6", "rtn-int6"],
-            "variant_b": ["prune-matched-rtn-int6", "rtn-int8"],
-            "spearman": [0.5, 0.1],
-        }
-    )
-    table = compare(ref, survival, perplexity, predict, overlap)
-    got = {
-        (r["variant"], r["metric"]): (r["paper"], r["run"], r["difference"])
-        for r in table.to_dicts()
-    }
-    assert got[("fp", "perplexity")] == (10.0, 10.5, 0.5)
-    assert got[("rtn-int6", "survived_pct")] == (60.0, 55.0, -5.0)
-    assert got[("rtn-int6", "auc_mean")][1] == 0.8
-    assert got[("rtn-int6", "spearman")][1] == 0.5  # against the matched pruning variant only
-    # The published FP row has no counterpart in the survival table: shown, run left empty.
-    assert got[("fp", "survived_pct")] == (100.0, None, None)

@@ -1,9 +1,11 @@
-"""Figures and report tables from small synthetic tables (no workflow run)."""
+"""Figures and report tables from small synthetic tables, and the figure registry
+against the workflow's rules and captions."""
 
 from __future__ import annotations
 
 import ast
 import inspect
+import json
 import math
 import re
 from pathlib import Path
@@ -12,28 +14,23 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sae_audit import plots
+from sae_audit import plots, report_tables
 from sae_audit.cli import main as cli_main
+from sae_audit.figures import FIGURE_REGISTRY, FigureCallError, figure_names, get_figure
+
+from .conftest import TEST_CONFIG, snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
+REPORT_DIR = ROOT / "workflow" / "report"
 VARIANTS = ["rtn-int8", "rtn-int4", "prune-matched-rtn-int4", "fp-null"]
 PREDICTORS = ["rarity", "log_mean", "log_peak", "log_concentration"]
 N_FEATURES = 50
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # The inputs each figure's rule passes, in order (table stems under tables/{model}/).
-FIGURE_INPUTS = {
-    "class_fractions_vs_bits": ["survival"],
-    "perplexity_vs_bits": ["perplexity"],
-    "perplexity_vs_damage": ["survival"],
-    "correlation_histograms": ["features"],
-    "roc_curves": ["predict_oof", "predict"],
-    "survival_by_quartile": ["survival_by_quantile"],
-    "coefficients": ["predict_coefficients"],
-    "rtn_vs_pruning_scatter": ["features", "overlap"],
-    "survival_by_firing_rate_decile": ["survival_by_quantile"],
-    "stability": ["stability"],
-}
+FIGURE_INPUTS = {name: [Path(t).stem for t in fig.inputs] for name, fig in FIGURE_REGISTRY.items()}
+# Non-default class thresholds (the config's analysis slice).
+THRESHOLDS = {"active_rate": 0.001, "survived": 0.8, "destroyed": 0.3}
 
 
 def _classify(r: float) -> str:
@@ -306,22 +303,16 @@ def _assert_png(path: Path, min_bytes: int = 5_000) -> None:
     assert len(data) > min_bytes, f"{path} is only {len(data)} bytes"
 
 
-def _figures() -> list[str]:
-    """FIGURES as declared in workflow/rules/common.smk."""
-    text = (ROOT / "workflow" / "rules" / "common.smk").read_text()
-    m = re.search(r"^FIGURES\s*=\s*(\[.*?\])", text, flags=re.S | re.M)
-    assert m, "FIGURES list not found in common.smk"
-    return ast.literal_eval(m[1])
-
-
-def test_figure_inputs_cover_figures():
-    assert sorted(FIGURE_INPUTS) == sorted(_figures())
+def test_figure_inputs_cover_figures(tables):
+    assert len(FIGURE_INPUTS) == 10
+    for name, stems in FIGURE_INPUTS.items():
+        assert stems and set(stems) <= set(tables), name
 
 
 @pytest.mark.parametrize("name", sorted(FIGURE_INPUTS))
 def test_figure_writes_png(name, tables, tmp_path):
     out = tmp_path / "fig" / f"{name}.png"
-    getattr(plots, name)(*(tables[t] for t in FIGURE_INPUTS[name]), out=out)
+    get_figure(name).draw(*(tables[t] for t in FIGURE_INPUTS[name]), out=out)
     _assert_png(out)
 
 
@@ -339,8 +330,87 @@ def test_cli_plot(tables, tmp_path):
         ]
     )
     _assert_png(out)
-    with pytest.raises(SystemExit):
+    # the analysis slice reaches the figures that draw thresholds
+    hist = tmp_path / "hist.png"
+    args = ["--inputs", str(tables["features"]), "--out", str(hist)]
+    cli_main(["plot", "correlation_histograms", "--params", json.dumps(THRESHOLDS), *args])
+    _assert_png(hist)
+    with pytest.raises(SystemExit, match="unknown figure '_save'"):
         cli_main(["plot", "_save", "--inputs", "x", "--out", str(out)])
+    with pytest.raises(SystemExit, match="reads 2 table"):
+        cli_main(["plot", "roc_curves", *args])
+    with pytest.raises(SystemExit, match="takes no params"):
+        cli_main(["plot", "stability", "--params", json.dumps(THRESHOLDS), *args])
+
+
+def test_cli_report_table(tables, tmp_path):
+    page, csv = tmp_path / "s.html", tmp_path / "s.csv"
+    cli_main(["report-table", "--input", str(tables["survival"]), "--out", str(page), str(csv)])
+    assert "<table>" in page.read_text() and pl.read_csv(csv).height > 0
+
+
+def _spy_save(monkeypatch) -> dict[str, list]:
+    """The visible axes of every figure drawn from now on, by output stem."""
+    captured: dict[str, list] = {}
+    save = plots._save
+
+    def spy(fig, path):
+        captured[Path(path).stem] = [fig, [ax for ax in fig.axes if ax.get_visible()]]
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return captured
+
+
+def _vlines(ax) -> set[float]:
+    """x positions of the dashed vertical reference lines of an axes."""
+    return {
+        round(float(line.get_xdata()[0]), 6)
+        for line in ax.lines
+        if line.get_linestyle() == "--" and len(set(line.get_xdata())) == 1
+    }
+
+
+@pytest.mark.parametrize("params", [None, THRESHOLDS], ids=["defaults", "configured"])
+def test_figures_draw_the_configured_thresholds(params, tables, tmp_path, monkeypatch):
+    """The class thresholds the figures draw are the analysis slice's (the schema's
+    defaults, 0.9 / 0.5, only without params)."""
+    survived, destroyed = (0.9, 0.5) if params is None else (0.8, 0.3)
+    assert plots.thresholds(params).survived == survived
+    assert plots.damage_cuts(params) == pytest.approx((1 - survived, 1 - destroyed))
+    captured = _spy_save(monkeypatch)
+    for name, fig in FIGURE_REGISTRY.items():
+        if fig.thresholds:
+            fig.draw(
+                *(tables[t] for t in FIGURE_INPUTS[name]),
+                out=tmp_path / f"{name}.png",
+                params=params,
+            )
+    assert {n for n, f in FIGURE_REGISTRY.items() if f.thresholds} == set(captured)
+
+    hist_fig, hist_axes = captured["correlation_histograms"]
+    assert all(_vlines(ax) == {destroyed, survived} for ax in hist_axes)
+    assert f"r = {destroyed:g}, {survived:g}" in hist_fig.get_suptitle()
+
+    scatter_fig, scatter_axes = captured["rtn_vs_pruning_scatter"]
+    cuts = {round(1 - survived, 6), round(1 - destroyed, 6)}
+    assert all(_vlines(ax) == cuts for ax in scatter_axes)
+    assert f"r = {survived:g} / {destroyed:g}" in scatter_fig.get_suptitle()
+    # the cell counts follow the thresholds: the features put in the same class by both
+    # variants (the diagonal cells), counted with the configured cuts
+    features = pl.read_parquet(tables["features"]).filter(pl.col("active"))
+    lo, hi = sorted(cuts)
+    cls = pl.when(pl.col("damage") < lo).then(0).when(pl.col("damage") < hi).then(1).otherwise(2)
+    by_variant = {
+        v: features.filter(pl.col("variant") == v).sort("feature").select(cls)[:, 0].to_list()
+        for v in ("rtn-int4", "prune-matched-rtn-int4")
+    }
+    (ax,) = [a for a in scatter_axes if a.get_xlabel().endswith("rtn-int4")]
+    cells = [int(t.get_text()) for t in ax.texts]
+    expected = np.histogram2d(
+        by_variant["rtn-int4"], by_variant["prune-matched-rtn-int4"], bins=[-0.5, 0.5, 1.5, 2.5]
+    )[0]
+    assert cells == [int(c) for c in expected.ravel()]
 
 
 def test_figure_structure(tables, tmp_path, monkeypatch):
@@ -424,38 +494,109 @@ def test_all_nan_predictor(tables, tmp_path):
 
 def test_report_table_csv_and_html(tables, tmp_path):
     csv, page = tmp_path / "t.csv", tmp_path / "t.html"
-    plots.report_table(tables["damaged_contexts"], out=csv)
-    plots.report_table(tables["damaged_contexts"], out=page)
+    report_tables.report_table(tables["damaged_contexts"], out=csv)
+    report_tables.report_table(tables["damaged_contexts"], out=page)
     back = pl.read_csv(csv)
     assert back.height == 4 and "⟦cat⟧" in back["context"][0]
     text = page.read_text(encoding="utf-8")
     assert text.count("<tr>") == 5  # header + 4 rows
     assert "⟦cat⟧" in text and "&lt;b&gt;&amp;amp;" in text  # escaped, not interpreted
     assert '<meta charset="utf-8">' in text
-    plots.report_table(tables["predict"], out=page)
+    report_tables.report_table(tables["predict"], out=page)
     assert "NaN" in page.read_text() and "—" in page.read_text()  # NaN AUC, null reason
     with pytest.raises(ValueError):
-        plots.report_table(tables["predict"], out=tmp_path / "t.txt")
+        report_tables.report_table(tables["predict"], out=tmp_path / "t.txt")
 
 
-def test_every_figure_has_function_rule_and_caption():
-    smk = (ROOT / "workflow" / "rules" / "plots.smk").read_text()
-    for name in _figures():
-        fn = getattr(plots, name, None)
-        assert callable(fn) and not name.startswith("_"), f"plots.{name} missing"
+def test_every_figure_has_function_and_caption():
+    """Registry, plotting functions and captions agree, with no stray caption."""
+    for name, fig in FIGURE_REGISTRY.items():
+        fn = getattr(plots, fig.function, None)
+        assert callable(fn) and not fig.function.startswith("_"), f"plots.{fig.function} missing"
+        assert fig.load() is fn
         params = list(inspect.signature(fn).parameters.values())
-        assert params[-1].name == "out", f"plots.{name} must take out= last"
-        rule = re.search(rf"^rule plot_{name}:\n(.*?)(?=^rule |\Z)", smk, flags=re.S | re.M)
-        assert rule, f"no rule plot_{name} in plots.smk"
-        body = rule[1]
-        assert f"sae-audit plot {name} " in body
-        assert f'caption="../report/{name}.rst"' in body
-        assert f"logs/plots/{{{{model}}}}/{{{{sae}}}}/{name}.log" in body
-        assert 'conda:\n        "../../envs/analysis.yaml"' in body
-        caption = ROOT / "workflow" / "report" / f"{name}.rst"
+        # (*inputs, out) or (*inputs, out, params=None) for the figures that draw thresholds
+        tail = ["out", "params"] if fig.thresholds else ["out"]
+        assert [p.name for p in params[-len(tail) :]] == tail, f"plots.{name}: {params}"
+        assert len(params) == len(fig.inputs) + len(tail), f"plots.{name} inputs vs registry"
+        assert fig.caption == f"{name}.rst"
+        caption = REPORT_DIR / fig.caption
         assert caption.is_file() and len(caption.read_text().split()) > 40, caption
-    assert (ROOT / "workflow" / "report" / "workflow.rst").is_file()
-    assert (ROOT / "workflow" / "report" / "tables.rst").is_file()
+        assert re.fullmatch(r"\d\. [A-Z].*", fig.category), fig.category
+        for template in fig.inputs:
+            assert template.startswith(("{model}/{sae}/", "{model}/perplexity.parquet"))
+    captions = {p.name for p in REPORT_DIR.glob("*.rst")}
+    assert captions - {f.caption for f in FIGURE_REGISTRY.values()} == {
+        "workflow.rst",
+        "tables.rst",
+    }
+    # nothing outside the registry is drawable by name
+    assert not [n for n in ("_save", "report_table", "thresholds") if n in FIGURE_REGISTRY]
+    with pytest.raises(KeyError):
+        get_figure("report_table")
+    with pytest.raises(FigureCallError):
+        get_figure("stability").draw("a", "b", out="x.png")
+
+
+def test_workflow_has_one_rule_per_registered_figure(tmp_path):
+    """`snakemake --list` and a dry run of the test config: one plot_NAME rule and job per
+    registered figure, reading the registered tables, with the log and benchmark paths,
+    and the analysis slice passed exactly to the figures that draw thresholds."""
+    rules = snakemake(tmp_path, TEST_CONFIG, "--list", cores=None).stdout.split()
+    assert sorted(r for r in rules if r.startswith("plot_")) == sorted(
+        f"plot_{n}" for n in figure_names()
+    )
+    proc = snakemake(tmp_path, TEST_CONFIG, "-n", "-p")
+    text = proc.stdout + proc.stderr
+    jobs = {
+        m["rule"]: m["body"]
+        for m in re.finditer(
+            r"^rule (?P<rule>plot_\w+):\n(?P<body>(?:    .*\n)+?)Shell command: .*$",
+            text,
+            flags=re.M,
+        )
+    }
+    figures = {
+        m[1]
+        for m in re.finditer(
+            r"^    output: results/figures/fixture/res/(\w+)\.png$", text, flags=re.M
+        )
+    }
+    assert figures == set(FIGURE_REGISTRY)
+    assert set(jobs) == {f"plot_{n}" for n in FIGURE_REGISTRY}
+    shells = dict(re.findall(r"^Shell command: sae-audit plot (\w+) (.*)$", text, flags=re.M))
+    for name, fig in FIGURE_REGISTRY.items():
+        body = jobs[f"plot_{name}"]
+        inputs = ", ".join(f"results/tables/{t}" for t in fig.inputs).format(
+            model="fixture", sae="res"
+        )
+        assert f"    input: {inputs}\n" in body
+        assert f"    log: results/logs/plots/fixture/res/{name}.log\n" in body
+        assert f"    benchmark: results/benchmarks/plots/fixture/res/{name}.tsv\n" in body
+        params = shells[name].split(" --inputs ")[0]
+        assert params == (
+            """--params '{"active_rate":0.001,"destroyed":0.5,"survived":0.9}'"""
+            if fig.thresholds
+            else "--params '{}'"
+        ), name
+
+
+@pytest.mark.slow
+def test_report_shows_every_registered_figure(finished_run: Path):
+    """The report of the shared finished run embeds every registered figure, captioned
+    with the run's thresholds, and the tables."""
+    report = finished_run / "report-figures.html"
+    snakemake(finished_run, TEST_CONFIG, "--report", str(report))
+    html = report.read_text()
+    names = sorted(p.stem for p in (finished_run / "results/figures/fixture/res").glob("*.png"))
+    assert names == sorted(FIGURE_REGISTRY)
+    for name, fig in FIGURE_REGISTRY.items():
+        assert f"{name}.png" in html, name
+        assert fig.category in html, fig.category
+    assert html.count("data:image/png") == len(FIGURE_REGISTRY)
+    assert "The dashed lines at damage" in html and "1 - 0.9" in html
+    for table in ("survival", "perplexity", "predict", "overlap", "damaged_contexts"):
+        assert f"{table}.html" in html, table
 
 
 def test_variant_order_and_palette():
@@ -478,5 +619,5 @@ def test_report_tables_cover_configured(tables, tmp_path):
     for name in ast.literal_eval(m[1]):
         for ext in ("csv", "html"):
             out = tmp_path / f"{name}.{ext}"
-            plots.report_table(tables[name], out=out)
+            report_tables.report_table(tables[name], out=out)
             assert out.stat().st_size > 100

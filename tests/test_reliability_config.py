@@ -355,8 +355,8 @@ def test_paper_saes_pass_the_registry_check(workdir: Path) -> None:
             ["config key 'perplexity.stride'", "at most 63"],
         ),
         (
-            lambda c: c.update(stability={"survived_grid": [0.2], "destroyed_grid": [0.3, 0.4]}),
-            ["config key 'stability.destroyed_grid'", "threshold grid would be empty"],
+            lambda c: c.update(threshold_grid={"survived": [0.2], "destroyed": [0.3, 0.4]}),
+            ["config key 'threshold_grid.destroyed'", "threshold grid would be empty"],
         ),
         (
             lambda c: c["fixture"]["corpus"].update(heldout_fraction=0.6),

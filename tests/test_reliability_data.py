@@ -25,7 +25,7 @@ from sae_audit import stages
 from sae_audit.checkpoints import apply_state, compress_state, load_checkpoint, write_checkpoint
 from sae_audit.encode import NonFiniteError, batch_nll
 from sae_audit.files import AuditError, InputError, write_parquet
-from sae_audit.matched import PruneSearch
+from sae_audit.match_sparsity import PruneSearch
 from sae_audit.models import load_model
 from sae_audit.shards import add_to_dir_manifest, encode_hash, write_token_shard
 from sae_audit.variants import parse_variant
@@ -63,18 +63,22 @@ def audit(tmp_path_factory) -> Path:
             root / f"tokens/shard-{i:03d}.parquet", shard, i * per, {"seq_len": SEQ_LEN}
         )
     for variant in VARIANTS:
-        stages.compress(str(model_dir), variant, MODEL_PARAMS, str(root / f"checkpoints/{variant}"))
+        stages.compress(
+            model=MODEL_PARAMS,
+            base=str(model_dir),
+            variant=variant,
+            out=root / f"checkpoints/{variant}",
+        )
         for i in range(N_SHARDS):
             stages.encode(
-                str(root / f"checkpoints/{variant}"),
-                {"res": _sae_spec(root / "sae")},
-                {},
-                str(root / f"tokens/shard-{i:03d}.parquet"),
-                str(root / f"codes/{variant}/shard-{i:03d}"),
-                str(root / f"nll/{variant}/shard-{i:03d}.parquet"),
-                "tiny",
-                MODEL_PARAMS,
-                ENCODE_PARAMS,
+                model=MODEL_PARAMS,
+                saes={"res": _sae_spec(root / "sae")},
+                encode=ENCODE_PARAMS,
+                checkpoint=root / f"checkpoints/{variant}",
+                tokens=root / f"tokens/shard-{i:03d}.parquet",
+                codes_dir=root / f"codes/{variant}/shard-{i:03d}",
+                nll=root / f"nll/{variant}/shard-{i:03d}.parquet",
+                model_name="tiny",
             )
     return root
 
@@ -125,11 +129,13 @@ def rewrite_shard(path: Path, mutate) -> None:
 # ---------------------------------------------------------------- the clean run is accepted
 def test_clean_audit_passes_every_check(run: Path, audit: Path, tmp_path: Path):
     out = tmp_path / "out"
-    stages.fp_stats(codes(run, "fp"), str(out / "fp_stats.parquet"), expect=real_expect(run, audit))
+    stages.fp_stats(
+        codes=codes(run, "fp"), out=str(out / "fp_stats.parquet"), expect=real_expect(run, audit)
+    )
     for v in ("rtn-int8", "rtn-int2"):
-        stages.correlate(codes(run, "fp"), codes(run, v), str(out / f"{v}.parquet"), variant=v,
+        stages.correlate(fp=codes(run, "fp"), variant=codes(run, v), out=out / f"{v}.parquet", variant_name=v,
                          expect=real_expect(run, audit))  # fmt: skip
-    stages.perplexity_table({v: nll(run, v) for v in VARIANTS}, {}, str(out / "ppl.parquet"),
+    stages.perplexity(nll={v: nll(run, v) for v in VARIANTS}, out=out / "ppl.parquet",
                             expect={"model": "tiny"})  # fmt: skip
     assert pl.read_parquet(out / "rtn-int8.parquet")["r"].is_finite().all()
     assert (run / "codes/fp/shard-000/manifest.json").is_file()
@@ -145,10 +151,9 @@ def test_encode_refuses_a_checkpoint_that_gives_nan(run: Path):
     tensors.write_bytes(bytes(raw))
     out = run / "codes/scrambled/shard-000"
     with pytest.raises(NonFiniteError) as err:
-        stages.encode(str(run / "checkpoints/rtn-int8"), {"res": _sae_spec(run / "sae")}, {},
-                      str(run / "tokens/shard-000.parquet"), str(out),
-                      str(run / "nll/scrambled/shard-000.parquet"), "tiny", MODEL_PARAMS,
-                      ENCODE_PARAMS)  # fmt: skip
+        stages.encode(model=MODEL_PARAMS, saes={"res": _sae_spec(run / "sae")}, encode=ENCODE_PARAMS,
+                      checkpoint=run / "checkpoints/rtn-int8", tokens=run / "tokens/shard-000.parquet",
+                      codes_dir=out, nll=run / "nll/scrambled/shard-000.parquet", model_name="tiny")  # fmt: skip
     msg = str(err.value)
     assert "model 'tiny'" in msg and "variant 'rtn-int8'" in msg and "shard-000.parquet" in msg
     assert "at token 1" in msg and "dtype" in msg  # the first bad token, and what to try
@@ -166,7 +171,9 @@ def test_correlate_rejects_a_nan_activation(run: Path, tmp_path: Path, side: str
     rewrite_shard(shard, poison)
     out = tmp_path / "corr.parquet"
     with pytest.raises(InputError, match="non-finite activation nan") as err:
-        stages.correlate(codes(run, "fp"), codes(run, "rtn-int2"), str(out), variant="rtn-int2")
+        stages.correlate(
+            fp=codes(run, "fp"), variant=codes(run, "rtn-int2"), out=out, variant_name="rtn-int2"
+        )
     assert str(shard) in str(err.value) and not out.exists()
 
 
@@ -179,7 +186,7 @@ def test_stats_rejects_an_infinite_activation(run: Path, tmp_path: Path):
 
     rewrite_shard(shard, poison)
     with pytest.raises(InputError, match="non-finite activation inf") as err:
-        stages.fp_stats(codes(run, "fp"), str(tmp_path / "s.parquet"))
+        stages.fp_stats(codes=codes(run, "fp"), out=str(tmp_path / "s.parquet"))
     assert str(shard) in str(err.value) and not (tmp_path / "s.parquet").exists()
 
 
@@ -192,7 +199,7 @@ def test_perplexity_rejects_a_nan_nll(run: Path, tmp_path: Path):
     values[5] = np.nan
     pq.write_table(table.set_column(1, "nll", [values]), path)
     with pytest.raises(InputError, match="non-finite NLL nan") as err:
-        stages.perplexity_table({v: nll(run, v) for v in VARIANTS}, {}, str(tmp_path / "p.parquet"))
+        stages.perplexity(nll={v: nll(run, v) for v in VARIANTS}, out=tmp_path / "p.parquet")
     assert str(path) in str(err.value) and not (tmp_path / "p.parquet").exists()
 
 
@@ -207,18 +214,20 @@ def test_stability_and_contexts_reject_a_nan_activation(run: Path, tmp_path: Pat
     params = {"seq_len": SEQ_LEN, "analysis": {"active_rate": 0.001, "survived": 0.9, "destroyed": 0.5},
               "stability": {"token_budgets": [0.5, 1.0], "subsets": 1, "seed": 0}}  # fmt: skip
     with pytest.raises(InputError, match="non-finite") as err:
-        stages.stability(codes(run, "fp"), {"rtn-int8": codes(run, "rtn-int8")}, params,
-                         str(tmp_path / "st.parquet"))  # fmt: skip
+        stages.stability(fp=codes(run, "fp"), codes={"rtn-int8": codes(run, "rtn-int8")},
+                         out=tmp_path / "st.parquet", **params)  # fmt: skip
     assert str(shard) in str(err.value)
     features = pl.DataFrame({"variant": ["rtn-int8"], "feature": [int(pl.read_parquet(shard)["feature"][0])],
                              "active": [True], "r": [0.1]})  # fmt: skip
     features.write_parquet(tmp_path / "features.parquet")
     with pytest.raises(InputError, match="non-finite"):
-        stages.contexts(str(tmp_path / "features.parquet"), codes(run, "fp"),
-                        {"rtn-int8": codes(run, "rtn-int8")},
-                        [str(run / f"tokens/shard-{i:03d}.parquet") for i in range(N_SHARDS)],
-                        str(run / "model"), {"n_features": 1, "n_contexts": 1, "window": 4},
-                        str(tmp_path / "ctx.parquet"))  # fmt: skip
+        stages.damaged_contexts(
+            features=tmp_path / "features.parquet", fp=codes(run, "fp"),
+            codes={"rtn-int8": codes(run, "rtn-int8")},
+            tokens=[str(run / f"tokens/shard-{i:03d}.parquet") for i in range(N_SHARDS)],
+            tokenizer=str(run / "model"),
+            damaged_contexts={"n_features": 1, "n_contexts": 1, "window": 4},
+            out=tmp_path / "ctx.parquet")  # fmt: skip
     assert not (tmp_path / "st.parquet").exists() and not (tmp_path / "ctx.parquet").exists()
 
 
@@ -235,7 +244,7 @@ def test_a_shard_copied_from_another_variant_is_refused(run: Path, audit: Path, 
     shutil.copytree(run / "codes/rtn-int8/shard-001", run / "codes/rtn-int2/shard-001")
     out = tmp_path / "corr.parquet"
     with pytest.raises(InputError) as err:
-        stages.correlate(codes(run, "fp"), codes(run, "rtn-int2"), str(out), variant="rtn-int2",
+        stages.correlate(fp=codes(run, "fp"), variant=codes(run, "rtn-int2"), out=out, variant_name="rtn-int2",
                          expect=real_expect(run, audit))  # fmt: skip
     msg = str(err.value)
     assert "variant='rtn-int8'" in msg and "variant='rtn-int2'" in msg and "shard-001" in msg
@@ -246,14 +255,16 @@ def test_a_shard_file_replaced_inside_its_directory_is_refused(run: Path, tmp_pa
     """Snakemake cannot see a file changed inside a directory() output; the manifest can."""
     shutil.copy(codes(run, "rtn-int8")[0], codes(run, "rtn-int2")[0])
     with pytest.raises(InputError, match=r"encode wrote|checksum") as err:
-        stages.correlate(codes(run, "fp"), codes(run, "rtn-int2"), str(tmp_path / "c.parquet"))
+        stages.correlate(
+            fp=codes(run, "fp"), variant=codes(run, "rtn-int2"), out=str(tmp_path / "c.parquet")
+        )
     assert codes(run, "rtn-int2")[0] in str(err.value) and "--forcerun encode" in str(err.value)
 
 
 def test_a_deleted_shard_is_refused(run: Path, tmp_path: Path):
     Path(codes(run, "fp")[1]).unlink()
     with pytest.raises(InputError, match="deleted after encode wrote it") as err:
-        stages.fp_stats(codes(run, "fp"), str(tmp_path / "s.parquet"))
+        stages.fp_stats(codes=codes(run, "fp"), out=str(tmp_path / "s.parquet"))
     assert codes(run, "fp")[1] in str(err.value)
 
 
@@ -263,12 +274,16 @@ def test_a_shard_from_another_config_is_refused(run: Path, audit: Path, tmp_path
         "config_hash": encode_hash(MODEL_PARAMS, {"batch_size": 8, "device": "cpu"}, {}),
     }
     with pytest.raises(InputError, match="config_hash="):
-        stages.fp_stats(codes(run, "fp"), str(tmp_path / "s.parquet"), expect=other)
+        stages.fp_stats(codes=codes(run, "fp"), out=str(tmp_path / "s.parquet"), expect=other)
     with pytest.raises(InputError, match="sae='other'"):
-        stages.fp_stats(codes(run, "fp"), str(tmp_path / "s.parquet"), expect={"sae": "other"})
+        stages.fp_stats(
+            codes=codes(run, "fp"), out=str(tmp_path / "s.parquet"), expect={"sae": "other"}
+        )
     # A token set of another size: the shards do not tile it.
     with pytest.raises(InputError, match="cover 128 tokens from 0, but the token set has 256"):
-        stages.fp_stats(codes(run, "fp"), str(tmp_path / "s.parquet"), expect={"n_tokens": 256})
+        stages.fp_stats(
+            codes=codes(run, "fp"), out=str(tmp_path / "s.parquet"), expect={"n_tokens": 256}
+        )
     assert not (tmp_path / "s.parquet").exists()
 
 
@@ -276,8 +291,8 @@ def test_nll_shards_listed_under_another_variant_are_refused(run: Path, tmp_path
     with pytest.raises(
         InputError, match="variant='rtn-int8' but this job reads variant='rtn-int2'"
     ):
-        stages.perplexity_table({"fp": nll(run, "fp"), "rtn-int2": nll(run, "rtn-int8")}, {},
-                                str(tmp_path / "p.parquet"))  # fmt: skip
+        stages.perplexity(nll={"fp": nll(run, "fp"), "rtn-int2": nll(run, "rtn-int8")},
+                          out=tmp_path / "p.parquet")  # fmt: skip
 
 
 @pytest.mark.parametrize("damage", ["duplicate", "unsorted"])
@@ -292,7 +307,7 @@ def test_stats_rejects_duplicated_or_unsorted_rows(run: Path, tmp_path: Path, da
 
     rewrite_shard(shard, mutate)
     with pytest.raises(InputError, match="not strictly sorted by \\(token, feature\\)") as err:
-        stages.fp_stats(codes(run, "fp"), str(tmp_path / "s.parquet"))
+        stages.fp_stats(codes=codes(run, "fp"), out=str(tmp_path / "s.parquet"))
     assert str(shard) in str(err.value)
 
 
@@ -301,7 +316,9 @@ def test_a_truncated_shard_is_named(run: Path, tmp_path: Path):
     shard = Path(codes(run, "rtn-int8")[0])
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(InputError, match="truncated or replaced") as err:
-        stages.correlate(codes(run, "fp"), codes(run, "rtn-int8"), str(tmp_path / "c.parquet"))
+        stages.correlate(
+            fp=codes(run, "fp"), variant=codes(run, "rtn-int8"), out=str(tmp_path / "c.parquet")
+        )
     assert str(shard) in str(err.value)
 
 
@@ -309,12 +326,12 @@ def test_a_truncated_nll_shard_and_table_are_named(run: Path, tmp_path: Path):
     path = Path(nll(run, "fp")[0])
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(InputError, match="cannot be read") as err:
-        stages.perplexity_table({v: nll(run, v) for v in VARIANTS}, {}, str(tmp_path / "p.parquet"))
+        stages.perplexity(nll={v: nll(run, v) for v in VARIANTS}, out=tmp_path / "p.parquet")
     assert str(path) in str(err.value) and "--forcerun encode" in str(err.value)
     table = tmp_path / "features.parquet"
     table.write_bytes(b"PAR1 not really")
     with pytest.raises(InputError, match="cannot be read") as err:
-        stages.overlap_table(str(table), [["a", "b"]], str(tmp_path / "o.parquet"))
+        stages.overlap(features=table, pairs=[["a", "b"]], out=tmp_path / "o.parquet")
     assert str(table) in str(err.value)
 
 
@@ -334,12 +351,12 @@ def test_a_failed_write_names_the_output_and_leaves_nothing(run: Path, tmp_path:
         resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
 
     proc = subprocess.run(
-        [sys.executable, "-m", "sae_audit.cli", "stats", "--codes", *codes(run, "fp"), "--out", str(out)],
+        [sys.executable, "-m", "sae_audit.cli", "fp-stats", "--codes", *codes(run, "fp"), "--out", str(out)],
         capture_output=True, text=True, preexec_fn=small_files, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("sae-audit stats: error:") and str(out) in last
+    assert last.startswith("sae-audit fp-stats: error:") and str(out) in last
     assert "File too large" in last and "disk is full" in last and "Traceback" not in proc.stderr
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
@@ -412,43 +429,19 @@ def test_matched_stage_reproduces_the_target_perplexity_in_bf16(tmp_path: Path):
     write_token_shard(tmp_path / "tokens/shard-000.parquet", ids, 0, {"seq_len": 64})
     make_sae("standard", 32, D_SAE, "blocks.1.hook_resid_post").save_model(tmp_path / "sae")
     params = {**MODEL_PARAMS, "dtype": "bfloat16"}
-    stages.compress(str(base), "prune-0.3", params, str(tmp_path / "ckpt"))
-    stages.encode(str(tmp_path / "ckpt"), {"res": _sae_spec(tmp_path / "sae")}, {},
-                  str(tmp_path / "tokens/shard-000.parquet"), str(tmp_path / "codes"),
-                  str(tmp_path / "nll.parquet"), "tiny", params, ENCODE_PARAMS)  # fmt: skip
+    stages.compress(model=params, base=str(base), variant="prune-0.3", out=tmp_path / "ckpt")
+    stages.encode(model=params, saes={"res": _sae_spec(tmp_path / "sae")}, encode=ENCODE_PARAMS,
+                  checkpoint=tmp_path / "ckpt", tokens=tmp_path / "tokens/shard-000.parquet",
+                  codes_dir=tmp_path / "codes", nll=tmp_path / "nll.parquet", model_name="tiny")  # fmt: skip
     result = stages.match_sparsity(
-        str(base), "prune-0.3", [str(tmp_path / "nll.parquet")],
-        [str(tmp_path / "tokens/shard-000.parquet")], params,
-        {"tolerance": 1e-9, "lo": 0.0, "hi": 0.6, "max_steps": 1, "n_sequences": None},
-        ENCODE_PARAMS, str(tmp_path / "matched.json"), model_name="tiny",
+        model=params, base=str(base), target="prune-0.3", target_nll=[str(tmp_path / "nll.parquet")],
+        tokens=[str(tmp_path / "tokens/shard-000.parquet")], encode=ENCODE_PARAMS,
+        matched={"tolerance": 1e-9, "lo": 0.0, "hi": 0.6, "max_steps": 1, "n_sequences": None},
+        out=tmp_path / "matched.json", model_name="tiny",
     )  # fmt: skip
     first = result["trace"][0]
     assert first["sparsity"] == 0.3
     assert first["perplexity"] == pytest.approx(result["target_perplexity"], rel=1e-12)
-
-
-def test_reference_overlap_matches_both_variants():
-    from sae_audit.reference import compare
-
-    ref = Path(__file__).parent / "_ref.csv"
-    ref.write_text("variant,jaccard_nonsurviving,spearman\nrtn-int6,0.86,0.976\nrtn-int3,0.5,0.9\n")
-    try:
-        # Two matched targets, listed "in the other order": each RTN row against the other's pruning first.
-        overlap = pl.DataFrame({
-            "variant_a": ["rtn-int6", "rtn-int3", "rtn-int6", "rtn-int3"],
-            "variant_b": ["prune-matched-rtn-int3", "prune-matched-rtn-int6",
-                          "prune-matched-rtn-int6", "prune-matched-rtn-int3"],
-            "jaccard_nonsurviving": [0.11, 0.22, 0.33, 0.44], "spearman": [0.1, 0.2, 0.3, 0.4],
-        })  # fmt: skip
-        empty = pl.DataFrame({"variant": []}, schema={"variant": pl.String})
-        table = compare(ref, empty, empty, empty, overlap)
-    finally:
-        ref.unlink()
-    run = {(r["variant"], r["metric"]): r["run"] for r in table.to_dicts()}
-    assert (
-        run[("rtn-int6", "jaccard_nonsurviving")] == 0.33 and run[("rtn-int6", "spearman")] == 0.3
-    )
-    assert run[("rtn-int3", "jaccard_nonsurviving")] == 0.44
 
 
 def test_auc_spread_is_the_population_sd_over_folds():
@@ -471,8 +464,8 @@ def test_overlap_of_two_undamaged_variants_is_null_with_a_reason(tmp_path: Path)
     rows = [{"variant": v, "feature": f, "active": True, "class": "survived", "damage": 0.01 * f}
             for v in ("rtn-int8", "prune-matched-rtn-int8") for f in range(5)]  # fmt: skip
     pl.DataFrame(rows).write_parquet(tmp_path / "features.parquet")
-    table = stages.overlap_table(str(tmp_path / "features.parquet"),
-                                 [["rtn-int8", "prune-matched-rtn-int8"]], str(tmp_path / "o.parquet"))  # fmt: skip
+    table = stages.overlap(features=tmp_path / "features.parquet",
+                           pairs=[["rtn-int8", "prune-matched-rtn-int8"]], out=tmp_path / "o.parquet")  # fmt: skip
     row = pl.read_parquet(tmp_path / "o.parquet").to_dicts()[0]
     assert row["jaccard_nonsurviving"] is None and row["jaccard_destroyed"] is None
     assert "jaccard_nonsurviving undefined: no nonsurviving features" in row["reason"]

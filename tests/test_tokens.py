@@ -1,4 +1,5 @@
-"""Token sets: every document source, the joined-stream tokenization, shard layout, errors.
+"""Token sets: every document source, the joined-stream tokenization, shard layout, errors
+(the tokenize stage: test_tokenize.py).
 
 The tokenizer is real: a byte-level BPE trained here on a few sentences, wrapped
 in PreTrainedTokenizerFast with a BOS token (added only with add_special_tokens).
@@ -16,13 +17,11 @@ import pytest
 
 from sae_audit import tokens as tokens_mod
 from sae_audit.shards import read_token_shard
-from sae_audit.stages import tokenize
 from sae_audit.tokens import (
     TokenSetConfig,
     build_token_set,
     load_documents,
     load_token_ids,
-    read_documents,
     shard_bounds,
     tokenize_joined,
 )
@@ -135,8 +134,10 @@ def test_text_paragraphs_and_lines(tmp_path):
         "second line",
         "third para",
     ]
-    # the fixture is a local text file too; read_documents is the text-source shorthand
-    assert load_documents({"source": "fixture"}, [str(path)]) == read_documents([path])
+    # the fixture's held-out text is a local text file too, read the same way
+    assert load_documents({"source": "fixture"}, [str(path)]) == load_documents(
+        {"source": "text"}, [str(path)]
+    )
     # documents of several files, in order
     other = write_text(tmp_path / "b.txt", ["fourth"])
     docs = load_documents({"source": "text"}, [str(path), str(other)])
@@ -288,21 +289,6 @@ def test_prefix_tokenization_matches_full_text(tokenizer, monkeypatch):
     assert complete and ids == full
 
 
-# ---------------------------------------------------------------- the stage (CLI entry)
-def test_stage_tokenize_fixture_and_hf(tmp_path, tokenizer_dir, hf_cache):
-    docs = DOCS * 10
-    text = write_text(tmp_path / "heldout.txt", docs, sep="\n\n\n")
-    root = hf_dir(tmp_path / "ds", paragraphs(docs))
-    params = {"seq_len": 16, "n_sequences": 6, "n_shards": 2, "bos": True}
-    out_a = [str(tmp_path / "a" / f"shard-{i}.parquet") for i in range(2)]
-    out_b = [str(tmp_path / "b" / f"shard-{i}.parquet") for i in range(2)]
-    info = tokenize(str(tokenizer_dir), [str(text)], {"source": "fixture", **params}, out_a)
-    hf = {"source": "hf", "dataset": {"path": str(root), "name": None, "split": "train"}}
-    tokenize(str(tokenizer_dir), [], {**hf, **params}, out_b)
-    assert info["n_tokens"] == 96
-    np.testing.assert_array_equal(load_token_ids(out_a), load_token_ids(out_b))
-
-
 # ---------------------------------------------------------------- errors name the key
 def test_errors_name_the_key(tmp_path, tokenizer, hf_cache):
     jsonl = write_jsonl(tmp_path / "d.jsonl", [{"body": "x", "id": 1}])
@@ -324,7 +310,7 @@ def test_errors_name_the_key(tmp_path, tokenizer, hf_cache):
         load_documents({"source": "hf", "dataset": {"path": str(root)}}, [str(jsonl)])
     with pytest.raises(ValueError, match=r"tokens\.dataset\.path"):
         load_documents({"source": "hf"}, [])
-    with pytest.raises(ValueError, match=r"tokens\.source='csv'"):
+    with pytest.raises(ValueError, match=r"tokens\.source': 'csv' is not one of"):
         load_documents({"source": "csv"}, [str(jsonl)])
     with pytest.raises(FileNotFoundError, match=r"tokens\.paths"):
         load_documents({"source": "text"}, [str(tmp_path / "missing.txt")])

@@ -184,23 +184,3 @@ def test_a_killed_run_resumes_with_only_the_unfinished_jobs(finished_run: Path, 
     assert jobs.get("compress", 0) <= 1
     snakemake(work, config, "--rerun-incomplete")  # the same command, resumed
     assert planned_jobs(snakemake(work, config, "-n")) == {}
-
-
-@pytest.mark.slow
-def test_report_is_self_contained_and_lists_every_figure(finished_run: Path):
-    from .conftest import ROOT
-
-    report = finished_run / "report.html"
-    snakemake(finished_run, TEST_CONFIG, "--report", str(report))
-    html = report.read_text()
-    assert len(html) > 100_000
-    figures = (ROOT / "workflow/rules/plots.smk").read_text().count(
-        "caption="
-    ) - 2  # two table items
-    names = [p.stem for p in (finished_run / "results/figures/fixture/res").glob("*.png")]
-    assert len(names) == figures == 10
-    for name in names:
-        assert f"{name}.png" in html, name
-    for table in ("survival", "perplexity", "predict", "overlap", "damaged_contexts"):
-        assert f"{table}.html" in html, table
-    assert html.count("data:image/png") == figures  # every figure embedded, not linked

@@ -1,17 +1,24 @@
 """`sae-audit <stage>`: the command line every Snakemake rule calls.
 
-Each subcommand parses paths and a JSON slice of the config, then calls one
-function of `sae_audit.stages` (or the fixture builders). No logic lives here.
+Every stage of `sae_audit.stages` is a command of the same name (dashes for
+underscores), its flags generated from the stage's keyword-only parameters: a
+parameter `codes_dir: str | Path` is `--codes-dir PATH`, `codes: list[...]` takes
+several paths, `codes: Mapping[str, list[...]]` takes NAME=PATH pairs (several per
+name), a config section or other mapping takes one JSON argument. No logic lives
+here; the few commands that are not stages (prefetch, plot, resume) are written out.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import polars as pl
 
 Handler = Callable[[argparse.Namespace], Any]
 _COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], object]]] = {}
@@ -27,356 +34,98 @@ def command(
     return register
 
 
-def _params(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--params", type=json.loads, default={}, help="JSON slice of the workflow config"
-    )
-
-
-def _expect(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--expect",
-        type=json.loads,
-        default=None,
-        help="JSON: what the shards must record (model, sae, config_hash, n_tokens)",
-    )
-
-
+# ---------------------------------------------------------------- stages, from their signatures
 def _pairs(values: Sequence[str]) -> dict[str, str]:
     """NAME=PATH arguments as a mapping."""
-    out: dict[str, str] = {}
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep:
-            raise SystemExit(f"expected NAME=PATH, got {v!r}")
-        out[name] = path
-    return out
-
-
-# ---------------------------------------------------------------- fixture
-@command(
-    "fixture-corpus", lambda p: (_params(p), p.add_argument("--train"), p.add_argument("--heldout"))
-)
-def _fixture_corpus(a: argparse.Namespace) -> Any:
-    from .fixture import CorpusConfig, build_corpus
-
-    return build_corpus(CorpusConfig(**a.params), a.train, a.heldout)
-
-
-@command(
-    "fixture-tokenizer", lambda p: (_params(p), p.add_argument("--train"), p.add_argument("--out"))
-)
-def _fixture_tokenizer(a: argparse.Namespace) -> Any:
-    from .fixture import TokenizerConfig, train_tokenizer
-
-    train_tokenizer(TokenizerConfig(**a.params), a.train, a.out)
-    return {"tokenizer": a.out}
-
-
-@command(
-    "fixture-model",
-    lambda p: (
-        _params(p),
-        p.add_argument("--tokenizer"),
-        p.add_argument("--train"),
-        p.add_argument("--heldout"),
-        p.add_argument("--out"),
-    ),
-)
-def _fixture_model(a: argparse.Namespace) -> Any:
-    from .fixture import ModelTrainConfig, train_model
-
-    return train_model(ModelTrainConfig(**a.params), a.tokenizer, a.train, a.heldout, a.out)
-
-
-@command(
-    "fixture-sae",
-    lambda p: (
-        _params(p),
-        p.add_argument("--model"),
-        p.add_argument("--train"),
-        p.add_argument("--out"),
-    ),
-)
-def _fixture_sae(a: argparse.Namespace) -> Any:
-    from .fixture import SAETrainConfig, train_sae
-
-    return train_sae(SAETrainConfig(**a.params), a.model, a.train, a.out)
-
-
-# ---------------------------------------------------------------- sweep
-@command(
-    "tokenize",
-    lambda p: (
-        _params(p),
-        p.add_argument("--tokenizer", required=True),
-        p.add_argument("--text", nargs="*", default=[]),
-        p.add_argument("--out", nargs="+", required=True),
-    ),
-)
-def _tokenize(a: argparse.Namespace) -> Any:
-    from .stages import tokenize
-
-    return tokenize(a.tokenizer, a.text, a.params, a.out)
-
-
-@command(
-    "compress",
-    lambda p: (
-        _params(p),
-        p.add_argument("--base", required=True),
-        p.add_argument("--variant", required=True),
-        p.add_argument(
-            "--matched", nargs="*", default=[], help="matched-sparsity result (JSON): zero or one"
-        ),
-        p.add_argument("--out", required=True),
-    ),
-)
-def _compress(a: argparse.Namespace) -> Any:
-    from .stages import compress
-
-    if len(a.matched) > 1:
-        raise SystemExit("compress: --matched takes at most one path")
-    return str(compress(a.base, a.variant, a.params, a.out, a.matched[0] if a.matched else None))
-
-
-@command(
-    "match-sparsity",
-    lambda p: (
-        _params(p),
-        p.add_argument("--base", required=True),
-        p.add_argument("--target", required=True),
-        p.add_argument("--target-nll", nargs="+", required=True),
-        p.add_argument("--tokens", nargs="+", required=True),
-        p.add_argument("--model-name", default=None),
-        p.add_argument("--out", required=True),
-    ),
-)
-def _match(a: argparse.Namespace) -> Any:
-    from .stages import match_sparsity
-
-    return match_sparsity(
-        a.base,
-        a.target,
-        a.target_nll,
-        a.tokens,
-        a.params["model"],
-        a.params["matched"],
-        a.params["encode"],
-        a.out,
-        model_name=a.model_name,
-    )
-
-
-@command(
-    "encode",
-    lambda p: (
-        _params(p),
-        p.add_argument("--checkpoint", required=True),
-        p.add_argument("--sae-path", nargs="*", default=[], help="SAE=DIR for SAEs on disk"),
-        p.add_argument("--tokens", required=True),
-        p.add_argument("--codes-dir", required=True),
-        p.add_argument("--nll", required=True),
-        p.add_argument("--model-name", required=True),
-    ),
-)
-def _encode(a: argparse.Namespace) -> Any:
-    from .stages import encode
-
-    return encode(
-        a.checkpoint,
-        a.params["saes"],
-        _pairs(a.sae_path),
-        a.tokens,
-        a.codes_dir,
-        a.nll,
-        a.model_name,
-        a.params["model"],
-        a.params["encode"],
-    )
-
-
-@command(
-    "stats",
-    lambda p: (
-        _expect(p),
-        p.add_argument("--codes", nargs="+", required=True),
-        p.add_argument("--out", required=True),
-    ),
-)
-def _stats(a: argparse.Namespace) -> Any:
-    from .stages import fp_stats
-
-    return fp_stats(a.codes, a.out, expect=a.expect)
-
-
-@command(
-    "correlate",
-    lambda p: (
-        _expect(p),
-        p.add_argument("--fp", nargs="+", required=True),
-        p.add_argument("--variant", nargs="+", required=True),
-        p.add_argument("--variant-name", default=None, help="the variant the shards must be of"),
-        p.add_argument("--out", required=True),
-    ),
-)
-def _correlate(a: argparse.Namespace) -> Any:
-    from .stages import correlate
-
-    return correlate(a.fp, a.variant, a.out, variant=a.variant_name, expect=a.expect)
-
-
-@command(
-    "sliding-perplexity",
-    lambda p: (
-        _params(p),
-        p.add_argument("--checkpoint", required=True),
-        p.add_argument("--tokens", nargs="+", required=True),
-        p.add_argument("--tokenizer", required=True),
-        p.add_argument("--out", required=True),
-    ),
-)
-def _sliding(a: argparse.Namespace) -> Any:
-    from .stages import sliding_perplexity
-
-    return sliding_perplexity(a.checkpoint, a.tokens, a.tokenizer, a.params, a.out)
-
-
-@command(
-    "perplexity",
-    lambda p: (
-        _expect(p),
-        p.add_argument("--nll", nargs="+", required=True, help="VARIANT=PATH per NLL shard"),
-        p.add_argument("--sliding", nargs="*", default=[], help="VARIANT=PATH per sliding result"),
-        p.add_argument("--out", required=True),
-    ),
-)
-def _perplexity(a: argparse.Namespace) -> Any:
-    from .stages import perplexity_table
-
-    return perplexity_table(_grouped(a.nll), _pairs(a.sliding), a.out, expect=a.expect)
-
-
-@command(
-    "survival",
-    lambda p: (
-        _params(p),
-        p.add_argument("--fp-stats", required=True),
-        p.add_argument("--correlation", nargs="+", required=True, help="VARIANT=PATH"),
-        p.add_argument("--perplexity", required=True),
-        p.add_argument("--features-out", required=True),
-        p.add_argument("--summary-out", required=True),
-    ),
-)
-def _survival(a: argparse.Namespace) -> Any:
-    from .stages import survival
-
-    return survival(
-        a.fp_stats, _pairs(a.correlation), a.perplexity, a.params, a.features_out, a.summary_out
-    )
+    return dict(_pairs_list(values))
 
 
 def _grouped(values: Sequence[str]) -> dict[str, list[str]]:
     """NAME=PATH arguments, several per name, grouped in order."""
     out: dict[str, list[str]] = {}
-    for name, path in (v.partition("=")[::2] for v in values):
+    for name, path in _pairs_list(values):
         out.setdefault(name, []).append(path)
     return out
 
 
-@command(
-    "predict",
-    lambda p: (
-        _params(p),
-        p.add_argument("--features", required=True),
-        p.add_argument("--out-dir", required=True),
-    ),
-)
-def _predict(a: argparse.Namespace) -> Any:
-    from .stages import predict
-
-    return predict(a.features, a.params, a.out_dir).to_dicts()
+def _pairs_list(values: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep:
+            raise SystemExit(f"expected NAME=PATH, got {v!r}")
+        pairs.append((name, path))
+    return pairs
 
 
-@command(
-    "overlap",
-    lambda p: (
-        _params(p),
-        p.add_argument("--features", required=True),
-        p.add_argument("--out", required=True),
-    ),
-)
-def _overlap(a: argparse.Namespace) -> Any:
-    from .stages import overlap_table
-
-    return overlap_table(a.features, a.params["pairs"], a.out).to_dicts()
+def _json_bool(text: str) -> bool:
+    value = json.loads(text)
+    if not isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
-@command(
-    "stability",
-    lambda p: (
-        _params(p),
-        _expect(p),
-        p.add_argument("--fp", nargs="+", required=True),
-        p.add_argument("--codes", nargs="+", required=True, help="VARIANT=PATH per code shard"),
-        p.add_argument("--out", required=True),
-    ),
-)
-def _stability(a: argparse.Namespace) -> Any:
-    from .stages import stability
+def _flag(param: inspect.Parameter) -> tuple[dict[str, Any], Callable[[Any], Any]]:
+    """argparse keywords and a converter for one stage parameter, read off its annotation.
 
-    return stability(a.fp, _grouped(a.codes), a.params, a.out, expect=a.expect).to_dicts()
-
-
-@command(
-    "threshold-grid",
-    lambda p: (
-        _params(p),
-        p.add_argument("--features", required=True),
-        p.add_argument("--out", required=True),
-    ),
-)
-def _threshold_grid(a: argparse.Namespace) -> Any:
-    from .stages import threshold_grid
-
-    return threshold_grid(a.features, a.params, a.out).height
+    Annotations are strings (`from __future__ import annotations`): the kinds are few
+    and spelled one way in `stages`, and tests/test_cli.py checks every stage parses.
+    """
+    note = str(param.annotation)
+    optional = param.default is not inspect.Parameter.empty
+    keywords: dict[str, Any] = {"required": not optional}
+    if optional:
+        keywords["default"] = None
+    if note.startswith("Mapping[str, Paths]"):  # NAME=PATH, several per name
+        return {**keywords, "nargs": "+", "metavar": "NAME=PATH"}, lambda v: _grouped(v or [])
+    if note.startswith("Mapping[str, str]"):  # NAME=PATH
+        nargs = "*" if optional else "+"
+        return {**keywords, "nargs": nargs, "metavar": "NAME=PATH"}, lambda v: _pairs(v or [])
+    if "Mapping" in note or note.startswith("list[list"):  # a config section or other JSON
+        return {**keywords, "type": json.loads, "metavar": "JSON"}, lambda v: v
+    if note.startswith("Paths"):  # several paths
+        return {**keywords, "nargs": "*" if optional else "+", "metavar": "PATH"}, lambda v: v
+    if note == "bool":
+        return {**keywords, "type": _json_bool, "metavar": "true|false"}, lambda v: v
+    if note == "int":
+        return {**keywords, "type": int}, lambda v: v
+    return keywords, lambda v: v
 
 
-@command(
-    "contexts",
-    lambda p: (
-        _params(p),
-        _expect(p),
-        p.add_argument("--features", required=True),
-        p.add_argument("--fp", nargs="+", required=True),
-        p.add_argument("--codes", nargs="+", required=True, help="VARIANT=PATH per code shard"),
-        p.add_argument("--tokens", nargs="+", required=True),
-        p.add_argument("--tokenizer", required=True),
-        p.add_argument("--out", required=True),
-    ),
-)
-def _contexts(a: argparse.Namespace) -> Any:
-    from .stages import contexts
+def _stage_command(name: str, fn: Callable[..., Any]) -> None:
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    flags = {p.name: _flag(p) for p in params}
 
-    table = contexts(
-        a.features, a.fp, _grouped(a.codes), a.tokens, a.tokenizer, a.params, a.out, expect=a.expect
-    )
-    return table.height
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        parser.description = inspect.getdoc(fn)
+        for pname, (keywords, _) in flags.items():
+            parser.add_argument(f"--{pname.replace('_', '-')}", dest=pname, **keywords)
+
+    def handler(a: argparse.Namespace) -> Any:
+        kwargs = {}
+        for pname, (_, convert) in flags.items():
+            value = getattr(a, pname)
+            if value is not None:
+                kwargs[pname] = convert(value)
+        result = fn(**kwargs)
+        # A table is summarized in the log by its shape, not printed whole.
+        return (
+            {"rows": result.height, "columns": result.width}
+            if isinstance(result, pl.DataFrame)
+            else result
+        )
+
+    _COMMANDS[name.replace("_", "-")] = (handler, add_args)
 
 
-@command(
-    "reference",
-    lambda p: (
-        p.add_argument("--reference", required=True, help="published results (CSV)"),
-        p.add_argument("--tables-dir", required=True),
-        p.add_argument("--perplexity", required=True),
-        p.add_argument("--out", required=True),
-    ),
-)
-def _reference(a: argparse.Namespace) -> Any:
-    from .stages import reference_comparison
+def _register_stages() -> None:
+    from .stages import STAGES
 
-    return reference_comparison(a.reference, a.tables_dir, a.perplexity, a.out).height
+    for name, fn in STAGES.items():
+        _stage_command(name, fn)
+
+
+_register_stages()
 
 
 @command(
@@ -397,19 +146,38 @@ def _prefetch(a: argparse.Namespace) -> Any:
 @command(
     "plot",
     lambda p: (
-        p.add_argument("figure", help="name of a function in sae_audit.plots"),
+        p.add_argument("figure", help="a figure of the registry (sae_audit.figures)"),
+        p.add_argument(
+            "--params",
+            type=json.loads,
+            default={},
+            help="JSON: the config's analysis slice, for figures that draw the class thresholds",
+        ),
         p.add_argument("--inputs", nargs="+", required=True),
-        p.add_argument("--out", nargs="+", required=True, help="one file, or several forms of it"),
+        p.add_argument("--out", required=True),
     ),
 )
 def _plot(a: argparse.Namespace) -> Any:
-    from . import plots
+    from .figures import FigureCallError, get_figure
 
-    fn = getattr(plots, a.figure, None)
-    if fn is None or a.figure.startswith("_"):
-        raise SystemExit(f"unknown figure {a.figure!r}")
-    for out in a.out:  # one process for every form (e.g. a report table as .html and .csv)
-        fn(*a.inputs, out=out)
+    try:
+        get_figure(a.figure).draw(*a.inputs, out=a.out, params=a.params)
+    except (KeyError, FigureCallError) as e:
+        raise SystemExit(f"sae-audit plot: {e.args[0]}") from None
+
+
+@command(
+    "report-table",
+    lambda p: (
+        p.add_argument("--input", required=True, help="a result table (parquet)"),
+        p.add_argument("--out", nargs="+", required=True, help="its forms: .html and/or .csv"),
+    ),
+)
+def _report_table(a: argparse.Namespace) -> Any:
+    from .report_tables import report_table
+
+    for out in a.out:  # one process for every form
+        report_table(a.input, out=out)
 
 
 @command(

@@ -7,16 +7,19 @@ config (see `slice_hash`), so editing one key re-runs only the jobs that read it
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import yaml
 from jsonschema import validators
@@ -33,7 +36,10 @@ def schema_path() -> Path:
 
 
 def load_schema() -> dict[str, Any]:
-    return yaml.safe_load(schema_path().read_text())
+    # libyaml's loader where installed: the pure-Python one takes ~25 ms on this file,
+    # which every snakemake start-up and every job importing a config section would pay.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(schema_path().read_text(), Loader=loader)
 
 
 @functools.cache
@@ -60,14 +66,18 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     validator = _with_defaults(validator_cls)(_schema())
     errors = sorted(validator.iter_errors(plain), key=lambda e: list(e.absolute_path))
     if errors:
-        err = errors[0]
-        key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
-        # A bound or type error says what is wrong; the key's description says what is right.
-        about = err.schema.get("description") if isinstance(err.schema, dict) else None
-        hint = f" ({about.strip()})" if about and err.validator in _VALUE_CHECKS else ""
-        raise ConfigError(f"config key '{key}': {err.message}{hint}")
+        raise ConfigError(_error_message(errors[0]))
     _cross_check(plain)
     return plain
+
+
+def _error_message(err: Any, section: str = "") -> str:
+    """ "config key '<dotted key>': <what is wrong> (<the key's description>)" of a schema error."""
+    key = ".".join([*([section] if section else []), *(str(p) for p in err.absolute_path)])
+    # A bound or type error says what is wrong; the key's description says what is right.
+    about = err.schema.get("description") if isinstance(err.schema, dict) else None
+    hint = f" ({about.strip()})" if about and err.validator in _VALUE_CHECKS else ""
+    return f"config key '{key or '<top level>'}': {err.message}{hint}"
 
 
 def _with_defaults(validator_cls: Any) -> Any:
@@ -82,6 +92,252 @@ def _with_defaults(validator_cls: Any) -> Any:
         yield from validate_properties(validator, properties, instance, schema)
 
     return validators.extend(validator_cls, {"properties": set_defaults})
+
+
+# ---------------------------------------------------------------- typed sections
+class _FromSchema:
+    def __repr__(self) -> str:
+        return "FROM_SCHEMA"
+
+
+# The default of a ConfigSection field: the class takes the schema's default instead.
+# Typed Any so that `seed: int = FROM_SCHEMA` type-checks.
+FROM_SCHEMA: Any = _FromSchema()
+
+
+def section_schema(section: str) -> dict[str, Any]:
+    """The schema of the config section at a dotted path; '*' stands for any name (a model's)."""
+    node = _schema()
+    for part in section.split("."):
+        node = node["additionalProperties"] if part == "*" else node["properties"][part]
+    return node
+
+
+def schema_default(section: str, key: str) -> Any:
+    """The schema's default of `<section>.<key>`, arrays as tuples (frozen dataclasses hold it)."""
+    spec = section_schema(section)["properties"][key]
+    if "default" not in spec:
+        raise KeyError(f"schema key '{section}.{key}' has no default")
+    return _frozen(spec["default"])
+
+
+def section_label(section: str) -> str:
+    """How messages name a section: 'models.<model>.tokens' for 'models.*.tokens'."""
+    return section.replace("*", "<model>")
+
+
+def _frozen(value: Any) -> Any:
+    """Arrays as (nested) tuples: what a frozen, hashable dataclass field holds."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, mappings as dicts: what jsonschema takes for JSON arrays and objects."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@functools.cache
+def _keys_validator(section: str, keys: tuple[str, ...]) -> Any:
+    """A validator of `keys` of a section against their schemas (types, bounds, enums).
+
+    Only the keys' own schemas: a dataclass holds some keys of a section (tokens is
+    two classes), so the section's `required` and cross-key rules are validate()'s.
+    """
+    properties = section_schema(section)["properties"]
+    fragment = {"type": "object", "properties": {k: properties[k] for k in keys}}
+    return validators.validator_for(_schema())(fragment)
+
+
+class ConfigSection:
+    """Base of the typed config sections: one frozen dataclass per schema section.
+
+    A subclass names its section, `class SurvivalConfig(ConfigSection, section="analysis")`,
+    and declares keys of that section as fields (`extra_fields` names any that are not);
+    a field whose default is FROM_SCHEMA gets the schema's default when the class is
+    created, so every default is written once, in the schema. Construction validates
+    each field against its schema key, raising ConfigError (a ValueError) naming the
+    dotted key as `validate` does, then runs `_check`, the cross-field checks, which
+    call the same functions `validate` calls (so a subclass overrides `_check`, never
+    `__post_init__`). `from_dict` turns the section's dict into the dataclass.
+    """
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    section: ClassVar[str]  # dotted schema path; '*' stands for a model's name
+    extra_fields: ClassVar[frozenset[str]] = frozenset()  # fields that are no key of the section
+
+    def __init_subclass__(
+        cls, *, section: str, extra_fields: Iterable[str] = (), **kwargs: Any
+    ) -> None:
+        # Runs before @dataclass reads the class, so the filled-in defaults are its defaults.
+        super().__init_subclass__(**kwargs)
+        cls.section = section
+        cls.extra_fields = frozenset(extra_fields)
+        properties = section_schema(section)["properties"]
+        for name, annotation in inspect.get_annotations(cls).items():
+            if "ClassVar" in str(annotation):
+                continue
+            if name not in properties and name not in cls.extra_fields:
+                raise TypeError(f"{cls.__name__}.{name} is not a key of config section {section!r}")
+            if cls.__dict__.get(name) is FROM_SCHEMA:
+                setattr(cls, name, schema_default(section, name))
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, list | tuple):
+                # Cls(x=[...]) holds tuples, as from_dict makes and the defaults are.
+                object.__setattr__(self, name, _frozen(value))
+        keys, absent = _checked_keys(type(self))
+        values = {k: _plain(getattr(self, k)) for k in keys}
+        # A key the schema gives no default is absent when it holds the field's default.
+        values = {k: v for k, v in values.items() if k not in absent or v != absent[k]}
+        errors = _keys_validator(self.section, tuple(sorted(values))).iter_errors(values)
+        first = min(errors, key=lambda e: [str(p) for p in e.absolute_path], default=None)
+        if first is not None:
+            raise ConfigError(_error_message(first, section_label(self.section)))
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field checks the schema cannot express; a subclass calls validate()'s own."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as {name: value}: what the cross-field checks take, and from_dict."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], /, **extra: Any) -> Self:
+        """The section as the validated config holds it (a dict), as this dataclass.
+
+        Keys of the section that another reader owns (the token set's `paths`, a class
+        sharing the section) are ignored; a key the section does not have is an error.
+        Arrays become tuples and the fields are validated. `extra` sets fields that are
+        no key of the section (MatchedConfig.target).
+        """
+        properties = section_schema(cls.section)["properties"]
+        where = section_label(cls.section)
+        names = cls.__dataclass_fields__
+        _, absent = _checked_keys(cls)
+        kwargs: dict[str, Any] = {}
+        for key, value in {**d, **extra}.items():
+            if key in names:
+                if value is None and key in absent:
+                    continue  # an optional key without default, written as null: absent
+                kwargs[key] = value
+            elif key not in properties:
+                raise ConfigError(
+                    f"config key '{where}.{key}': not a key of {where}"
+                    f"{_suggest(key, sorted(properties))}"
+                )
+        for name, f in names.items():
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and name not in kwargs:
+                raise ConfigError(f"config key '{where}.{name}': required, but missing")
+        return cls(**kwargs)
+
+
+@functools.cache
+def _checked_keys(cls: type[ConfigSection]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """(the schema keys a class validates, {key: field default} of keys the schema gives no
+    default, whose field default stands for 'absent')."""
+    properties = section_schema(cls.section)["properties"]
+    keys = tuple(k for k in cls.__dataclass_fields__ if k not in cls.extra_fields)
+    absent: dict[str, Any] = {}
+    for key in keys:
+        f = cls.__dataclass_fields__[key]
+        if "default" in properties[key]:
+            continue
+        if f.default is not dataclasses.MISSING:
+            absent[key] = _plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            absent[key] = _plain(f.default_factory())
+    return keys, absent
+
+
+# ---------------------------------------------------------------- cross-field checks
+# What the schema cannot say about one section. validate() runs each on the config,
+# and the section's dataclass on itself, so both reject the same values the same way.
+def check_survival_thresholds(analysis: Mapping[str, Any], where: str = "analysis") -> None:
+    if analysis["destroyed"] > analysis["survived"]:
+        raise ConfigError(
+            f"config key '{where}.destroyed': must not exceed '{where}.survived' "
+            f"({analysis['destroyed']} > {analysis['survived']})"
+        )
+
+
+def check_threshold_grid(grid: Mapping[str, Any], where: str = "threshold_grid") -> None:
+    survived, destroyed = list(grid["survived"]), list(grid["destroyed"])
+    if not any(d <= s for s in survived for d in destroyed):
+        # The threshold_grid job skips pairs with destroyed > survived and fails when none is left.
+        raise ConfigError(
+            f"config key '{where}.destroyed': no value is <= any of "
+            f"{where}.survived {survived}, so the threshold grid would be empty"
+        )
+
+
+def check_predictors(
+    predictors: Iterable[str], registered: Collection[str], where: str = "predict"
+) -> None:
+    for name in predictors:
+        if name not in registered:
+            raise ConfigError(
+                f"config key '{where}.predictors': {name!r} is not a registered predictor"
+                f"{_suggest(name, sorted(registered))}; choose from {sorted(registered)}"
+            )
+
+
+def check_perplexity(ppl: Mapping[str, Any], where: str = "perplexity") -> None:
+    if ppl["sliding"]:
+        # With BOS prepended a window holds window - 1 text tokens, and the stride may not
+        # skip any (sliding_perplexity.sliding_window_nll).
+        span = ppl["window"] - 1 if ppl["bos"] else ppl["window"]
+        if ppl["stride"] > span:
+            raise ConfigError(
+                f"config key '{where}.stride': {ppl['stride']} skips tokens: at most "
+                f"{span} (the window's text tokens{', BOS excluded' if ppl['bos'] else ''})"
+            )
+
+
+def check_matched(matched: Mapping[str, Any], where: str = "compression.prune.matched") -> None:
+    # The bracket matters only where a search runs: the config with targets, or a
+    # MatchedConfig (which has one target, no `targets`).
+    if not matched.get("targets", True):
+        return
+    if not math.isfinite(matched["tolerance"]):
+        # YAML's .inf / .nan pass the schema's bound; a search needs a real tolerance.
+        raise ConfigError(
+            f"config key '{where}.tolerance': must be a finite relative tolerance, "
+            f"got {matched['tolerance']}"
+        )
+    if not matched["lo"] < matched["hi"]:
+        raise ConfigError(
+            f"config key '{where}.lo': the sparsity search needs lo < hi, got "
+            f"lo={matched['lo']}, hi={matched['hi']}"
+        )
+
+
+def check_fixture_model(model: Mapping[str, Any], where: str = "fixture.model") -> None:
+    d_model, n_head = model["d_model"], model["n_head"]
+    if d_model % n_head or (d_model // n_head) % 4:
+        # GPT-NeoX's rotary_pct 0.25 needs a head dimension that is a multiple of 4.
+        raise ConfigError(
+            f"config key '{where}.n_head': d_model / n_head must be a whole multiple of 4, "
+            f"got d_model={d_model}, n_head={n_head}"
+        )
+
+
+def check_token_set(tokens: Mapping[str, Any], where: str) -> None:
+    if tokens["n_shards"] > tokens["n_sequences"]:
+        raise ConfigError(
+            f"config key '{where}.n_shards': {tokens['n_shards']} shards of "
+            f"{tokens['n_sequences']} sequences (tokens.n_sequences) leave a shard empty: "
+            "use at most n_sequences shards"
+        )
 
 
 def _cross_check(config: dict[str, Any]) -> None:
@@ -101,6 +357,7 @@ def _cross_check(config: dict[str, Any]) -> None:
                 f"config key 'models.{model}': uses the fixture but 'fixture' is not configured"
             )
         check_model_source(model, spec)
+        check_token_set(spec["tokens"], f"models.{model}.tokens")
         _check_tokens(model, spec["tokens"])
         check_local_saes(model, spec, config.get("fixture"))
 
@@ -133,12 +390,7 @@ def _check_variants(config: dict[str, Any]) -> None:
                 "compression.prune.sparsities" if name.startswith("prune-") else "compression.rtn"
             )
             raise ConfigError(f"config key '{where}': {e}") from e
-    matched = config["compression"]["prune"]["matched"]
-    if matched["targets"] and not matched["lo"] < matched["hi"]:
-        raise ConfigError(
-            "config key 'compression.prune.matched.lo': the sparsity search needs lo < hi, got "
-            f"lo={matched['lo']}, hi={matched['hi']}"
-        )
+    check_matched(config["compression"]["prune"]["matched"])
     names = variant_names(config)
     for i, pair in enumerate(config["overlap"]["pairs"]):
         for name in pair:
@@ -150,49 +402,15 @@ def _check_variants(config: dict[str, Any]) -> None:
 
 
 def _check_analysis(config: dict[str, Any]) -> None:
-    analysis = config["analysis"]
-    if analysis["destroyed"] > analysis["survived"]:
-        raise ConfigError(
-            "config key 'analysis.destroyed': must not exceed 'analysis.survived' "
-            f"({analysis['destroyed']} > {analysis['survived']})"
-        )
-    stability = config["stability"]
-    survived, destroyed = stability["survived_grid"], stability["destroyed_grid"]
-    if not any(d <= s for s in survived for d in destroyed):
-        # The threshold_grid job skips pairs with destroyed > survived and fails when none is left.
-        raise ConfigError(
-            "config key 'stability.destroyed_grid': no value is <= any of "
-            f"stability.survived_grid {survived}, so the threshold grid would be empty"
-        )
+    check_survival_thresholds(config["analysis"])
+    check_threshold_grid(config["threshold_grid"])
     predictors = config["predict"]["predictors"]
-    default = _schema_default("predict", "predictors")
-    if not set(predictors) <= set(default):
+    if not set(predictors) <= set(schema_default("predict", "predictors")):
         # Only a non-default name pays for importing sae_audit.predict (scikit-learn, ~2 s).
         from .predict import PREDICTORS
 
-        for name in predictors:
-            if name not in PREDICTORS:
-                raise ConfigError(
-                    f"config key 'predict.predictors': {name!r} is not a registered predictor"
-                    f"{_suggest(name, sorted(PREDICTORS))}; choose from {sorted(PREDICTORS)}"
-                )
-    ppl = config["perplexity"]
-    if ppl["sliding"]:
-        # With BOS prepended a window holds window - 1 text tokens, and the stride may not
-        # skip any (perplexity.sliding_window_nll).
-        span = ppl["window"] - 1 if ppl["bos"] else ppl["window"]
-        if ppl["stride"] > span:
-            raise ConfigError(
-                f"config key 'perplexity.stride': {ppl['stride']} skips tokens: at most "
-                f"{span} (the window's text tokens{', BOS excluded' if ppl['bos'] else ''})"
-            )
-
-
-def _schema_default(*keys: str) -> Any:
-    node = _schema()
-    for key in keys:
-        node = node["properties"][key]
-    return node["default"]
+        check_predictors(predictors, PREDICTORS)
+    check_perplexity(config["perplexity"])
 
 
 def _uses_fixture_sae(config: Mapping[str, Any]) -> bool:
@@ -214,14 +432,8 @@ def _check_fixture(config: dict[str, Any]) -> None:
     )
     if not uses_model and not _uses_fixture_sae(config):
         return
-    model = fixture["model"]
-    d_model, n_head, n_layer = model["d_model"], model["n_head"], model["n_layer"]
-    if d_model % n_head or (d_model // n_head) % 4:
-        # GPT-NeoX's rotary_pct 0.25 needs a head dimension that is a multiple of 4.
-        raise ConfigError(
-            f"config key 'fixture.model.n_head': d_model / n_head must be a whole multiple of 4, "
-            f"got d_model={d_model}, n_head={n_head}"
-        )
+    check_fixture_model(fixture["model"])
+    n_layer = fixture["model"]["n_layer"]
     layer = fixture["sae"]["layer"]
     if _uses_fixture_sae(config) and not layer <= n_layer - 2:
         # The fixture SAE reads hidden_states[layer + 1]; the last block's entry is normalized.
@@ -287,12 +499,7 @@ def _first_line(path: Path) -> bytes | None:
 
 
 def _check_tokens(model: str, tokens: Mapping[str, Any]) -> None:
-    if tokens["n_shards"] > tokens["n_sequences"]:
-        raise ConfigError(
-            f"config key 'models.{model}.tokens.n_shards': {tokens['n_shards']} shards of "
-            f"{tokens['n_sequences']} sequences (tokens.n_sequences) leave a shard empty: "
-            "use at most n_sequences shards"
-        )
+    """The token set's local input files (a cheap look at each); check_token_set did its keys."""
     source = tokens["source"]
     if source not in ("text", "jsonl", "parquet"):
         return

@@ -18,7 +18,14 @@ import numpy as np
 import polars as pl
 
 from sae_audit.files import InputError, rerun_hint
-from sae_audit.shards import Expected, ShardMetadata, iter_code_batches, pair_shards, read_metadata
+from sae_audit.shards import (
+    Expected,
+    ShardMetadata,
+    iter_code_batches,
+    pair_shards,
+    read_metadata,
+    row_keys,
+)
 
 # Relative size under which a variance counts as zero: float64 sums of float32
 # values leave rounding residue ~1e-16 * sum x^2 when all values are equal.
@@ -135,28 +142,6 @@ def _aligned_chunks(
                 yield chunk_a, chunk_b
 
 
-def _keys(path: Path, meta: ShardMetadata, token: np.ndarray, feature: np.ndarray) -> np.ndarray:
-    """(token, feature) as one sortable int64 key; checks ranges and sort order."""
-    if token.size == 0:
-        return token.astype(np.int64)
-    if token[0] < meta.token_start or token[-1] >= meta.token_stop:
-        raise InputError(
-            f"{path}: tokens outside the declared range [{meta.token_start}, {meta.token_stop}); "
-            f"{rerun_hint('encode')}"
-        )
-    if feature.min() < 0 or feature.max() >= meta.d_sae:
-        raise InputError(
-            f"{path}: feature index outside [0, d_sae={meta.d_sae}); {rerun_hint('encode')}"
-        )
-    keys = token.astype(np.int64) * meta.d_sae + feature.astype(np.int64)
-    if keys.size > 1 and not np.all(np.diff(keys) > 0):
-        raise InputError(
-            f"{path}: rows not strictly sorted by (token, feature) (duplicated or unsorted "
-            f"rows); {rerun_hint('encode')}"
-        )
-    return keys
-
-
 def _check_pair(fp_meta: ShardMetadata, var_meta: ShardMetadata, fp: Path, var: Path) -> None:
     if fp_meta.d_sae != var_meta.d_sae:
         raise ValueError(f"d_sae differs: {fp} has {fp_meta.d_sae}, {var} has {var_meta.d_sae}")
@@ -204,8 +189,8 @@ def accumulate_selections(
     a = _SortedStream(fp_shard, fp_meta, batch_rows)
     b = _SortedStream(variant_shard, var_meta, batch_rows)
     for (tok_a, feat_a, val_a), (tok_b, feat_b, val_b) in _aligned_chunks(a, b):
-        key_a = _keys(fp_shard, fp_meta, tok_a, feat_a)
-        key_b = _keys(variant_shard, var_meta, tok_b, feat_b)
+        key_a = row_keys(fp_shard, fp_meta, tok_a, feat_a)
+        key_b = row_keys(variant_shard, var_meta, tok_b, feat_b)
         hit = np.zeros(key_a.size, dtype=bool)
         idx = np.zeros(key_a.size, dtype=np.int64)
         if key_a.size and key_b.size:

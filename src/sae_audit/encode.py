@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .config import FROM_SCHEMA, ConfigSection
 from .files import AuditError
 from .models import ActivationCapture
 from .shards import CodeShardWriter, ShardMetadata, read_token_shard, write_nll_shard
@@ -24,13 +25,11 @@ class NonFiniteError(AuditError):
 
 
 @dataclass(frozen=True)
-class EncodeConfig:
-    batch_size: int = 16
-    device: str = "auto"
+class EncodeConfig(ConfigSection, section="encode"):
+    """Sequences per forward pass, and the device the model jobs run on."""
 
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"encode.batch_size must be >= 1, got {self.batch_size}")
+    batch_size: int = FROM_SCHEMA
+    device: str = FROM_SCHEMA
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -173,29 +172,3 @@ def encode_shard_multi(
         "tokens_per_second": n_tokens / seconds,
         "device": str(device),
     }
-
-
-def encode_token_shard(
-    model: torch.nn.Module,
-    sae: Any,
-    hook_name: str,
-    token_shard: str | Path,
-    codes_path: str | Path,
-    nll_path: str | Path,
-    meta: dict[str, Any],
-    cfg: EncodeConfig,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Single-SAE form of `encode_shard_multi` (meta carries the SAE's name as 'sae')."""
-    meta = dict(meta)
-    name = str(meta.pop("sae"))
-    info = encode_shard_multi(
-        model,
-        [EncodeTarget(sae, hook_name, codes_path, name)],
-        token_shard,
-        nll_path,
-        meta,
-        cfg,
-        device,
-    )
-    return {**info, "n_codes": info["n_codes"][name], "l0": info["l0"][name]}

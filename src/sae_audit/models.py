@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hooknames import HOOK_PATTERN
+from .config import FROM_SCHEMA, ConfigSection
+from .hooknames import HOOK_PATTERN, SUPPORTED
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -137,7 +138,6 @@ def from_out_in(weight: torch.Tensor, model: nn.Module) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- hook points
-_HOOK = HOOK_PATTERN
 
 
 @dataclass(frozen=True)
@@ -151,12 +151,9 @@ class HookPoint:
 
 def resolve_hook(model: nn.Module, hook_name: str) -> HookPoint:
     """Map `blocks.L.hook_*` to the HF module whose output (or input) it is."""
-    m = _HOOK.match(hook_name)
+    m = HOOK_PATTERN.match(hook_name)
     if not m:
-        raise ValueError(
-            f"unsupported SAE hook {hook_name!r}: expected blocks.<L>.hook_resid_post, "
-            "hook_resid_pre, hook_mlp_out or hook_attn_out"
-        )
+        raise ValueError(f"unsupported SAE hook {hook_name!r}: expected {SUPPORTED}")
     family = family_of(model)
     layer, point = int(m["layer"]), m["point"]
     n_layers = len(blocks_of(model))
@@ -253,7 +250,11 @@ def load_model(
     return nn.Module.to(model, torch.device(device)).eval()
 
 
-def load_tokenizer(source: str | Path, revision: str | None = None):
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class ModelSpec(ConfigSection, section="models.*.model"):
+    """Config section `models.<name>.model`: which model, and how it is loaded (load_model)."""
 
-    return AutoTokenizer.from_pretrained(str(source), revision=revision)
+    source: str  # required by the schema: 'fixture', a hub id or a local directory
+    revision: str | None = FROM_SCHEMA
+    dtype: str = FROM_SCHEMA
+    attn_implementation: str | None = FROM_SCHEMA  # None: the family's default

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 from scipy import stats
+
+from .config import FROM_SCHEMA, ConfigSection
 
 
 def jaccard(a: set[int], b: set[int]) -> float | None:
@@ -91,3 +94,23 @@ def overlap(table_a: pl.DataFrame, table_b: pl.DataFrame) -> dict[str, Any]:
             reasons.append(f"jaccard_{label} undefined: no {label} features under either variant")
     out["reason"] = "; ".join(reasons) or None
     return out
+
+
+def overlap_table(tables: dict[str, pl.DataFrame], pairs: list[list[str]]) -> pl.DataFrame:
+    """One row per variant pair (`overlap` of their feature tables); undefined numbers null."""
+    rows = [{"variant_a": a, "variant_b": b, **overlap(tables[a], tables[b])} for a, b in pairs]
+    if not rows:
+        return pl.DataFrame(rows)
+    # Undefined numbers are None, never NaN; their columns stay Float64 when all are None.
+    return pl.DataFrame(rows, infer_schema_length=None).with_columns(
+        pl.col(r"^(jaccard|spearman|pearson).*$").cast(pl.Float64),
+        pl.col("reason").cast(pl.String),
+    )
+
+
+@dataclass(frozen=True)
+class OverlapConfig(ConfigSection, section="overlap"):
+    """Config section `overlap`: the variant pairs compared (config.overlap_pairs resolves
+    the empty default, and config.validate checks that each names a configured variant)."""
+
+    pairs: tuple[tuple[str, str], ...] = FROM_SCHEMA

@@ -1,10 +1,12 @@
 """Seaborn figures of the audit; each function reads tables and writes one PNG.
 
-Every public function has the signature ``name(*input_paths, out)``, so
-``sae-audit plot NAME --inputs A [B ...] --out X`` calls it; the workflow runs
-each figure from its own rule (workflow/rules/plots.smk) and captions it in
-workflow/report/NAME.rst. ``report_table`` turns a result table into the CSV or
-HTML file the Snakemake report shows.
+Every figure is registered in ``sae_audit.figures`` (its input tables, caption and
+report category) and has the signature ``name(*input_paths, out)``, or
+``name(*input_paths, out, params=None)`` when it draws the class thresholds (``params``
+is the config's ``analysis`` slice; without it the schema's defaults apply).
+``sae-audit plot NAME [--params JSON] --inputs A [B ...] --out X`` calls it; the workflow
+runs each figure from its own rule plot_NAME (workflow/rules/plots.smk, one loop over
+the registry) and captions it with workflow/report/NAME.rst.
 
 Figures never fail on a degenerate but valid study (no pruning pair, NaN AUCs,
 a variant with one class only): they say so in the panel instead.
@@ -12,11 +14,11 @@ a variant with one class only): they say so in the panel instead.
 
 from __future__ import annotations
 
-import html
 import math
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -30,13 +32,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Annotation, Text
 
-from .survival import CLASSES
+from .survival import CLASSES, SurvivalConfig
 from .variants import Variant, parse_variant
 
 PALETTE = {"survived": "#2a9d8f", "blurred": "#e9c46a", "destroyed": "#e76f51"}
-# Default class thresholds on r (DESIGN.md); the lines drawn on the figures.
-SURVIVED_R = 0.9
-DESTROYED_R = 0.5
 KIND_LABEL = {
     "rtn": "RTN",
     "prune": "pruning",
@@ -56,6 +55,18 @@ sns.set_theme(style="whitegrid", context="paper")
 
 
 # ---------------------------------------------------------------- helpers
+def thresholds(params: Mapping[str, Any] | None = None) -> SurvivalConfig:
+    """The class thresholds a figure draws: the ``analysis`` config slice the rule passes,
+    the schema's defaults for any key it lacks (all of them when called without params)."""
+    return SurvivalConfig.from_dict(params or {})
+
+
+def damage_cuts(params: Mapping[str, Any] | None = None) -> tuple[float, float]:
+    """The class thresholds on the damage scale (1 - r): (1 - survived, 1 - destroyed)."""
+    t = thresholds(params)
+    return (1.0 - t.survived, 1.0 - t.destroyed)
+
+
 def _save(fig: Figure, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -355,8 +366,12 @@ def perplexity_vs_damage(summary_path: str | Path, out: str | Path) -> None:
     _save(fig, out)
 
 
-def correlation_histograms(features_path: str | Path, out: str | Path) -> None:
-    """Histogram of per-feature r over active features, one facet per variant, colored by class."""
+def correlation_histograms(
+    features_path: str | Path, out: str | Path, params: Mapping[str, Any] | None = None
+) -> None:
+    """Histogram of per-feature r over active features, one facet per variant, colored by
+    class; dashed lines at the class thresholds (``params``: the ``analysis`` slice)."""
+    t = thresholds(params)
     cols = ["variant", "r", "active", "class"]
     features = (
         pl.read_parquet(features_path, columns=cols)
@@ -381,7 +396,7 @@ def correlation_histograms(features_path: str | Path, out: str | Path) -> None:
             color=[PALETTE[c] for c in CLASSES],
             label=list(CLASSES),
         )
-        for cut in (DESTROYED_R, SURVIVED_R):
+        for cut in (t.destroyed, t.survived):
             ax.axvline(cut, color="black", ls="--", lw=0.8)
         ax.set_xlim(-1, 1)
         ax.set_title(variant, fontsize=9)
@@ -396,7 +411,7 @@ def correlation_histograms(features_path: str | Path, out: str | Path) -> None:
         ax.set_xlabel("r")
         ax.set_ylabel("active features")
     axes[0].legend(fontsize=7, loc="center left")
-    fig.suptitle(title + f" (dashed: r = {DESTROYED_R}, {SURVIVED_R})", fontsize=10)
+    fig.suptitle(title + f" (dashed: r = {t.destroyed:g}, {t.survived:g})", fontsize=10)
     _save(fig, out)
 
 
@@ -587,10 +602,14 @@ def coefficients(coef_path: str | Path, out: str | Path) -> None:
 
 
 def rtn_vs_pruning_scatter(
-    features_path: str | Path, overlap_path: str | Path, out: str | Path
+    features_path: str | Path,
+    overlap_path: str | Path,
+    out: str | Path,
+    params: Mapping[str, Any] | None = None,
 ) -> None:
     """Per-feature damage (1 - r) of the RTN variant (x) vs its matched pruning variant (y),
-    one facet per overlap pair, with counts in each class cell and Spearman in the title."""
+    one facet per overlap pair, with counts in each class cell and Spearman in the title;
+    the cells are cut at the class thresholds (``params``: the ``analysis`` slice)."""
     overlap = pl.read_parquet(overlap_path)
     title = "Do RTN and pruning damage the same features?"
     if overlap.height == 0 or not {"variant_a", "variant_b"} <= set(overlap.columns):
@@ -614,7 +633,7 @@ def rtn_vs_pruning_scatter(
         pairs.append((a, b, r.get("spearman"), r.get("jaccard_nonsurviving")))
         # null Jaccard: neither variant damaged anything (undefined, not agreement)
     fig, axes = _grid(len(pairs), max_cols=3, w=3.8, h=3.8)
-    cuts = (1 - SURVIVED_R, 1 - DESTROYED_R)  # damage 0.1 and 0.5
+    cuts = damage_cuts(params)  # damage 1 - survived and 1 - destroyed (0.1 and 0.5 by default)
     for ax, (a, b, rho, jac) in zip(axes, pairs, strict=True):
         joined = (
             features.filter(pl.col("variant") == a)
@@ -665,7 +684,12 @@ def rtn_vs_pruning_scatter(
         )
         ax.set_xlabel(f"damage 1 - r, {a}")
         ax.set_ylabel(f"damage 1 - r, {b}")
-    fig.suptitle(title + " (dashed: damage 0.1 / 0.5, i.e. r = 0.9 / 0.5)", fontsize=10)
+    t = thresholds(params)
+    fig.suptitle(
+        title
+        + f" (dashed: damage {cuts[0]:.3g} / {cuts[1]:.3g}, i.e. r = {t.survived:g} / {t.destroyed:g})",
+        fontsize=10,
+    )
     _save(fig, out)
 
 
@@ -728,58 +752,3 @@ def stability(stability_path: str | Path, out: str | Path) -> None:
     ]
     ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     _save(fig, out)
-
-
-# ---------------------------------------------------------------- report tables
-def report_table(table_path: str | Path, out: str | Path, max_rows: int = 5000) -> None:
-    """A result table as CSV (``out`` ends in .csv) or as a standalone HTML table (.html),
-    the form the Snakemake report shows inline."""
-    table = pl.read_parquet(table_path)
-    # nested columns (lists, structs) have no CSV form: write them as text
-    table = table.with_columns(
-        pl.col(c).map_elements(str, return_dtype=pl.String)
-        for c, dtype in table.schema.items()
-        if dtype.is_nested()
-    )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".csv":
-        table.write_csv(out)
-        return
-    if out.suffix not in (".html", ".htm"):
-        raise ValueError(f"report_table writes .csv or .html, got {out}")
-    shown = table.head(max_rows)
-    note = f"{table.height} rows, {table.width} columns" + (
-        f"; first {max_rows} shown" if table.height > max_rows else ""
-    )
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in shown.columns)
-    body = "\n".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in shown.iter_rows())
-    name = html.escape(Path(table_path).stem)
-    out.write_text(
-        f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>{name}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; font-size: 12px; margin: 1em; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; white-space: nowrap; }}
-th {{ background: #f0f0f0; position: sticky; top: 0; }}
-td.s {{ text-align: left; white-space: pre-wrap; max-width: 60em; }}
-tr:nth-child(even) td {{ background: #fafafa; }}
-</style></head>
-<body><h3>{name}</h3><p>{html.escape(note)}</p>
-<table><thead><tr>{head}</tr></thead><tbody>
-{body}
-</tbody></table></body></html>
-""",
-        encoding="utf-8",
-    )
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "<td>—</td>"
-    if isinstance(value, float):
-        return f"<td>{'NaN' if math.isnan(value) else format(value, '.4g')}</td>"
-    if isinstance(value, str):
-        return f'<td class="s">{html.escape(value)}</td>'
-    return f"<td>{html.escape(str(value))}</td>"

@@ -19,6 +19,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .config import FROM_SCHEMA, ConfigSection, check_predictors
+
 Predictor = Callable[[pl.DataFrame], np.ndarray]
 PREDICTORS: dict[str, Predictor] = {}
 
@@ -68,24 +70,15 @@ def log_concentration(table: pl.DataFrame) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class PredictConfig:
+class PredictConfig(ConfigSection, section="predict"):
     """Which predictors enter the logistic regression, and the CV setup."""
 
-    predictors: tuple[str, ...] = ("rarity", "log_mean", "log_peak", "log_concentration")
-    folds: int = 5
-    seed: int = 0
+    predictors: tuple[str, ...] = FROM_SCHEMA
+    folds: int = FROM_SCHEMA
+    seed: int = FROM_SCHEMA
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "predictors", tuple(self.predictors))
-        if not self.predictors:
-            raise ValueError("predictors must name at least one predictor")
-        unknown = [p for p in self.predictors if p not in PREDICTORS]
-        if unknown:
-            raise ValueError(f"predictors: unknown {unknown}; registered: {sorted(PREDICTORS)}")
-        if len(set(self.predictors)) != len(self.predictors):
-            raise ValueError(f"predictors contains duplicates: {self.predictors}")
-        if self.folds < 2:
-            raise ValueError(f"folds must be >= 2, got {self.folds}")
+    def _check(self) -> None:
+        check_predictors(self.predictors, PREDICTORS, self.section)
 
 
 def _active(table: pl.DataFrame) -> pl.DataFrame:
@@ -223,3 +216,78 @@ def survival_by_quantile(feature_table: pl.DataFrame, predictor: str, q: int) ->
         .sort("bin")
         .select(pl.lit(predictor).alias("predictor"), pl.all())
     )
+
+
+@dataclass(frozen=True)
+class PredictTables:
+    """The predict stage's four tables."""
+
+    summary: pl.DataFrame  # per variant: n, n_survived, CV AUC mean and sd, intercept, reason
+    coefficients: pl.DataFrame  # per variant and predictor: coefficient, marginal AUCs
+    oof: pl.DataFrame  # per variant and feature: out-of-fold probability (null: unscored), label
+    quantiles: pl.DataFrame  # per variant, predictor and q: survival by quantile bin
+
+
+def predict_tables(by_variant: dict[str, pl.DataFrame], cfg: PredictConfig) -> PredictTables:
+    """`predict_survival` and `survival_by_quantile` for every compressed variant's features.
+
+    The null variant is skipped: every feature survives it by construction.
+    """
+    from .variants import parse_variant
+
+    rows, coefficients, oof, quantiles = [], [], [], []
+    for variant, table in by_variant.items():
+        if parse_variant(variant).kind == "null":
+            continue
+        res = predict_survival(table, cfg)
+        rows.append({"variant": variant, **{k: res[k] for k in _SUMMARY}})
+        for name in cfg.predictors:
+            coefficients.append(
+                {
+                    "variant": variant,
+                    "predictor": name,
+                    "coefficient": res["coefficients"].get(name),
+                    "marginal_auc": res["marginal_auc"].get(name),
+                    "marginal_auc_best": res["marginal_auc_best"].get(name),
+                }
+            )
+            for q in (4, 10):
+                quantiles.append(
+                    survival_by_quantile(table, name, q).with_columns(
+                        pl.lit(variant).alias("variant"), pl.lit(q).alias("q")
+                    )
+                )
+        oof.append(
+            pl.DataFrame(
+                {
+                    "variant": variant,
+                    "feature": np.asarray(res["feature"], dtype=np.int32),
+                    # null where no fold scored the row (too few of a class for the folds)
+                    "proba": pl.Series(np.asarray(res["oof_proba"], dtype=np.float64)).fill_nan(
+                        None
+                    ),
+                    "label": np.asarray(res["oof_label"], dtype=bool),
+                }
+            )
+        )
+    by_q = pl.concat(quantiles, how="vertical_relaxed")
+    return PredictTables(
+        summary=pl.DataFrame(
+            rows,
+            schema_overrides={
+                "reason": pl.String,
+                **{k: pl.Float64 for k in ("auc_mean", "auc_sd", "intercept")},
+            },
+        ),
+        coefficients=pl.DataFrame(
+            coefficients,
+            schema_overrides={
+                k: pl.Float64 for k in ("coefficient", "marginal_auc", "marginal_auc_best")
+            },
+        ),
+        oof=pl.concat(oof, how="vertical_relaxed"),
+        quantiles=by_q.select("variant", "predictor", "q", pl.exclude("variant", "predictor", "q")),
+    )
+
+
+_SUMMARY = ("n", "n_survived", "auc_mean", "auc_sd", "intercept", "reason")

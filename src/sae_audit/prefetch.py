@@ -36,7 +36,7 @@ def plan(config: Mapping[str, Any]) -> list[FetchItem]:
         items.append(
             FetchItem("model", name, source, spec["model"].get("revision"), _is_local(source))
         )
-        for sae_name, sae in model_saes(spec).items():
+        for sae_name, sae in spec["saes"].items():
             if "release" in sae:
                 items.append(FetchItem("sae", name, f"{sae['release']}/{sae['sae_id']}"))
             else:
@@ -49,10 +49,6 @@ def plan(config: Mapping[str, Any]) -> list[FetchItem]:
             what = "/".join(str(x) for x in (ds["path"], ds.get("name"), ds.get("split")) if x)
             items.append(FetchItem("dataset", name, what, ds.get("revision")))
     return items
-
-
-def model_saes(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    return dict(spec["saes"])
 
 
 def fetch(config: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -268,6 +268,35 @@ def iter_code_batches(path: str | Path, batch_rows: int = 1 << 20) -> Iterator[p
         raise unreadable(path, e, "encode") from e
 
 
+def row_keys(
+    path: str | Path, meta: ShardMetadata, token: np.ndarray, feature: np.ndarray, after: int = -1
+) -> np.ndarray:
+    """(token, feature) of a run of rows as one sortable int64 key, checked.
+
+    Rows must lie in the shard's token range and feature space, and be strictly sorted
+    by (token, feature) after the key `after` (the previous run's last): a duplicated
+    row would be counted twice by every sum, and the merge join needs the order.
+    """
+    if token.size == 0:
+        return token.astype(np.int64)
+    if token.min() < meta.token_start or token.max() >= meta.token_stop:
+        raise InputError(
+            f"{path}: tokens outside the declared range [{meta.token_start}, {meta.token_stop}); "
+            f"{rerun_hint('encode')}"
+        )
+    if feature.min() < 0 or feature.max() >= meta.d_sae:
+        raise InputError(
+            f"{path}: feature index outside [0, d_sae={meta.d_sae}); {rerun_hint('encode')}"
+        )
+    keys = token.astype(np.int64) * meta.d_sae + feature.astype(np.int64)
+    if keys[0] <= after or (keys.size > 1 and not bool(np.all(np.diff(keys) > 0))):
+        raise InputError(
+            f"{path}: rows not strictly sorted by (token, feature) (duplicated or unsorted "
+            f"rows); {rerun_hint('encode')}"
+        )
+    return keys
+
+
 # ---------------------------------------------------------------- provenance
 @dataclass(frozen=True)
 class Expected:

@@ -14,24 +14,19 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from .config import FROM_SCHEMA, ConfigSection
 from .correlate import SufficientSums, TokenFilter, accumulate_selections, pearson_from_sums
 from .shards import Expected, code_set_metadata, pair_shards
 from .survival import CLASSES, SurvivalConfig, classify
 
 
 @dataclass(frozen=True)
-class StabilityConfig:
-    token_budgets: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
-    subsets: int = 3
-    seed: int = 0
+class StabilityConfig(ConfigSection, section="stability"):
+    """Token budgets and seeded subsets over which each feature's r is re-estimated."""
 
-    def __post_init__(self) -> None:
-        if any(not 0 < b <= 1 for b in self.token_budgets):
-            raise ValueError(
-                f"stability.token_budgets must lie in (0, 1], got {self.token_budgets}"
-            )
-        if self.subsets < 0:
-            raise ValueError(f"stability.subsets must be >= 0, got {self.subsets}")
+    token_budgets: tuple[float, ...] = FROM_SCHEMA
+    subsets: int = FROM_SCHEMA
+    seed: int = FROM_SCHEMA
 
 
 def _selections(

@@ -1,101 +1,270 @@
-"""One function per workflow rule: paths and config slices in, files out.
+"""One function per workflow rule, named like it: paths and config sections in, files out.
 
-These are what the CLI (and so every Snakemake rule) calls; tests call them
-directly. Each writes its outputs atomically or not at all.
+The seam between the workflow and the domain modules: each stage reads its
+inputs, makes one call into the module of the same name (or the module that does
+that work), and writes its outputs atomically or not at all. Every parameter is
+keyword-only and named like its CLI flag (`encode_dir` <-> `--encode-dir`): the
+CLI (`sae_audit.cli`) is generated from these signatures, and every rule calls
+`sae-audit <rule name with dashes>`.
+
+Config sections arrive as their typed dataclass (tests, library use) or as the
+JSON slice the CLI parsed; `section()` turns the latter into the former, the one
+way a dict becomes a config dataclass.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import polars as pl
 
-from .files import read_json, read_parquet, write_csv, write_json, write_parquet
+from .files import (
+    InputError,
+    read_json,
+    read_parquet,
+    rerun_hint,
+    write_csv,
+    write_json,
+    write_parquet,
+)
 from .shards import Expected, encode_hash
-from .tokens import TokenSetConfig, build_token_set, load_token_ids
-from .variants import parse_variant
+from .tokens import load_token_ids
+
+if TYPE_CHECKING:
+    from .damaged_contexts import ContextConfig
+    from .encode import EncodeConfig
+    from .fixture import CorpusConfig, ModelTrainConfig, SAETrainConfig, TokenizerConfig
+    from .match_sparsity import MatchedConfig
+    from .models import ModelSpec
+    from .perplexity import PerplexityConfig
+    from .predict import PredictConfig
+    from .stability import StabilityConfig
+    from .survival import SurvivalConfig
+    from .threshold_grid import ThresholdGridConfig
 
 # Model-side stages import torch, transformers and sae-lens inside the function: the
 # table stages run in their own processes and should not pay seconds to import them.
 
 log = logging.getLogger("sae_audit")
 
+Stage = Callable[..., Any]
+STAGES: dict[str, Stage] = {}
+C = TypeVar("C")
+F = TypeVar("F", bound=Stage)
 
-def tokenize(
-    tokenizer_source: str, text_paths: list[str], params: dict[str, Any], out_paths: list[str]
+
+def stage(fn: F) -> F:
+    """Register a stage under its own name: the rule's name, and the CLI command's."""
+    STAGES[fn.__name__] = fn
+    return fn
+
+
+def section(cls: type[C], value: C | Mapping[str, Any], **extra: Any) -> C:
+    """A config section as its dataclass: passed through, or built from its JSON slice
+    with the class's `from_dict` (config.ConfigSection: schema defaults and bounds)."""
+    if isinstance(value, cls):
+        return value
+    return cls.from_dict(value, **extra)  # type: ignore[attr-defined]
+
+
+Paths = Sequence[str | Path]
+
+
+# ---------------------------------------------------------------- the embedded fixture
+@stage
+def fixture_corpus(
+    *, corpus: CorpusConfig | Mapping[str, Any], train: str | Path, heldout: str | Path
 ) -> dict[str, Any]:
-    """Token shards from `models.<name>.tokens` (`params`).
+    """Standard-library docstrings split into train and held-out text (`fixture.corpus`)."""
+    from .fixture import CorpusConfig, build_corpus
 
-    `text_paths` are the local input files (`tokens.paths`, or the fixture's
-    held-out text); empty for `source: hf`.
+    return build_corpus(section(CorpusConfig, corpus), train, heldout)
+
+
+@stage
+def fixture_tokenizer(
+    *, tokenizer: TokenizerConfig | Mapping[str, Any], train: str | Path, out: str | Path
+) -> dict[str, Any]:
+    """A byte-level BPE trained on the fixture's train text (`fixture.tokenizer`)."""
+    from .fixture import TokenizerConfig, train_tokenizer
+
+    train_tokenizer(section(TokenizerConfig, tokenizer), train, out)
+    return {"tokenizer": str(out)}
+
+
+@stage
+def fixture_model(
+    *,
+    model: ModelTrainConfig | Mapping[str, Any],
+    tokenizer: str | Path,
+    train: str | Path,
+    heldout: str | Path,
+    out: str | Path,
+) -> dict[str, Any]:
+    """A small GPT-NeoX trained on the fixture corpus (`fixture.model`)."""
+    from .fixture import ModelTrainConfig, train_model
+
+    return train_model(section(ModelTrainConfig, model), tokenizer, train, heldout, out)
+
+
+@stage
+def fixture_sae(
+    *,
+    sae: SAETrainConfig | Mapping[str, Any],
+    model: str | Path,
+    train: str | Path,
+    out: str | Path,
+) -> dict[str, Any]:
+    """A sae-lens SAE trained on one layer of the fixture model (`fixture.sae`)."""
+    from .fixture import SAETrainConfig, train_sae
+
+    return train_sae(section(SAETrainConfig, sae), model, train, out)
+
+
+# ---------------------------------------------------------------- tokens, checkpoints, codes
+@stage
+def tokenize(
+    *, tokens: Mapping[str, Any], tokenizer: str, text: Paths | None = None, out: Paths
+) -> dict[str, Any]:
+    """Token shards from `models.<name>.tokens`.
+
+    `text` are the local input files (`tokens.paths`, or the fixture's held-out text);
+    empty for `source: hf`.
     """
-    from .models import load_tokenizer
-    from .tokens import load_documents
+    from .tokens import TokenSetConfig, build_token_set, load_documents, load_tokenizer
 
-    cfg = TokenSetConfig.from_dict(params)
-    tokenizer = load_tokenizer(tokenizer_source)
-    documents = load_documents(params, list(text_paths or []))
-    log.info("%d documents from tokens.source=%s", len(documents), params.get("source"))
-    info = build_token_set(documents, tokenizer, cfg, out_paths)
+    cfg = section(TokenSetConfig, tokens)
+    documents = load_documents(dict(tokens), [str(p) for p in text or []])
+    log.info("%d documents from tokens.source=%s", len(documents), tokens.get("source"))
+    info = build_token_set(documents, load_tokenizer(tokenizer), cfg, list(out))
     log.info("token set: %s", info)
     return info
 
 
+@stage
 def compress(
+    *,
+    model: ModelSpec | Mapping[str, Any],
     base: str,
     variant: str,
-    model_params: dict[str, Any],
-    out_dir: str,
-    matched_json: str | None = None,
-) -> Path:
+    matched: Paths | None = None,
+    out: str | Path,
+) -> str:
+    """One variant's checkpoint from the base model; `matched` is the search result
+    (at most one file) that gives a matched-pruning variant its sparsity."""
     from .checkpoints import read_manifest, write_checkpoint
+    from .models import ModelSpec
 
+    spec = section(ModelSpec, model)
+    searches = list(matched or [])
+    if len(searches) > 1:
+        raise ValueError(f"compress: at most one matched-search result, got {searches}")
     sparsity = None
     extra: dict[str, Any] = {}
-    if matched_json is not None:
-        search = read_json(matched_json, "match_sparsity")
+    if searches:
+        search = read_json(searches[0], "match_sparsity")
         sparsity = float(search["sparsity"])
         extra["matched_search"] = search
     path = write_checkpoint(
-        base,
-        variant,
-        out_dir,
-        revision=model_params.get("revision"),
-        sparsity=sparsity,
-        extra=extra,
+        base, variant, out, revision=spec.revision, sparsity=sparsity, extra=extra
     )
     log.info("wrote %s (%s)", path, read_manifest(path)["method"])
-    return path
+    return str(path)
 
 
+@stage
+def match_sparsity(
+    *,
+    model: ModelSpec | Mapping[str, Any],
+    matched: MatchedConfig | Mapping[str, Any],
+    encode: EncodeConfig | Mapping[str, Any],
+    base: str,
+    target: str,
+    target_nll: Paths,
+    tokens: Paths,
+    model_name: str | None = None,
+    out: str | Path,
+) -> dict[str, Any]:
+    """Bisection on pruning sparsity until the pruned model's perplexity matches the target's.
+
+    The target's perplexity comes from its encode NLL shards (no second forward pass),
+    restricted to the same sequences the search evaluates; the search runs the model
+    as encode does (`match_sparsity.PruneSearch`).
+    """
+    from .encode import EncodeConfig
+    from .match_sparsity import MatchedConfig, PruneSearch
+    from .match_sparsity import match_sparsity as search_sparsity
+    from .models import ModelSpec, resolve_device
+    from .perplexity import chunked_perplexity
+
+    spec = section(ModelSpec, model)
+    enc = section(EncodeConfig, encode)
+    cfg = section(MatchedConfig, matched, target=target)
+    device = resolve_device(enc.device)
+    ids = load_token_ids(tokens)
+    n_seq = cfg.n_sequences or len(ids)
+    ids = ids[:n_seq]
+    target_ppl = chunked_perplexity(
+        [Path(p) for p in target_nll],
+        token_stop=n_seq * ids.shape[1],
+        variant=target,
+        expect=Expected(model=model_name),
+    )["perplexity"]
+    search = PruneSearch(
+        base,
+        target,
+        dtype=spec.dtype,
+        revision=spec.revision,
+        attn_implementation=spec.attn_implementation,
+        device=device,
+    )
+    best, trace = search_sparsity(search, ids, target_ppl, cfg, batch_size=enc.batch_size)
+    result = {
+        "target": target,
+        "target_perplexity": target_ppl,
+        "sparsity": best,
+        "trace": [{"step": s, "sparsity": x, "perplexity": p} for s, x, p in trace],
+        "n_sequences": int(n_seq),
+        "params": {k: v for k, v in cfg.to_dict().items() if k != "target"},
+    }
+    write_json(out, result)
+    return result
+
+
+@stage
 def encode(
-    checkpoint: str,
-    sae_specs: dict[str, dict[str, Any]],
-    sae_paths: dict[str, str],
-    token_shard: str,
-    codes_dir: str,
-    nll_path: str,
+    *,
+    model: ModelSpec | Mapping[str, Any],
+    saes: Mapping[str, Mapping[str, Any]],
+    encode: EncodeConfig | Mapping[str, Any],
+    checkpoint: str | Path,
+    sae_path: Mapping[str, str] | None = None,
+    tokens: str | Path,
+    codes_dir: str | Path,
+    nll: str | Path,
     model_name: str,
-    model_params: dict[str, Any],
-    encode_params: dict[str, Any],
 ) -> dict[str, Any]:
     """Encode one token shard with every SAE of the model: codes_dir/<sae name>.parquet each.
 
-    `sae_paths` gives the directory of SAEs that live on disk (the fixture's, or a
+    `sae_path` gives the directory of SAEs that live on disk (the fixture's, or a
     configured path); the others load by release and id.
     """
     import torch
 
     from .checkpoints import load_checkpoint, read_manifest
     from .encode import EncodeConfig, EncodeTarget, encode_shard_multi
-    from .models import resolve_device
+    from .models import ModelSpec, resolve_device
     from .saes import check_compatible, load_sae
 
-    cfg = EncodeConfig(**encode_params)
+    spec = section(ModelSpec, model)
+    cfg = section(EncodeConfig, encode)
+    # The provenance hash the workflow recomputes from the config (shard_expectation).
+    model_params, encode_params = spec.to_dict(), cfg.to_dict()
     device = resolve_device(cfg.device)
     # What the scheduler handed this job, beside what the code uses: a GPU job on a node
     # without CUDA runs on CPU (e.g. SLURM sets CUDA_VISIBLE_DEVICES but no driver exists).
@@ -106,168 +275,83 @@ def encode(
         device,
     )
     manifest = read_manifest(checkpoint)
-    model = load_checkpoint(
+    net = load_checkpoint(
         checkpoint,
-        dtype=model_params.get("dtype", "float32"),
+        dtype=spec.dtype,
         device=device,
-        attn_implementation=model_params.get("attn_implementation"),
+        attn_implementation=spec.attn_implementation,
     )
     targets = []
-    for name, spec in sae_specs.items():
-        sae = load_sae(spec, device=device, path=sae_paths.get(name))
-        hook = check_compatible(model, sae)
+    for name, sae_spec in saes.items():
+        sae = load_sae(dict(sae_spec), device=device, path=(sae_path or {}).get(name))
+        hook = check_compatible(net, sae)
         shard = Path(codes_dir) / f"{name}.parquet"
-        shard_hash = encode_hash(model_params, encode_params, spec)
+        shard_hash = encode_hash(model_params, encode_params, sae_spec)
         targets.append(EncodeTarget(sae, hook, shard, name, config_hash=shard_hash))
     meta = {
         "model": model_name,
         "variant": manifest["variant"],
         "config_hash": encode_hash(model_params, encode_params),
     }
-    info = encode_shard_multi(model, targets, token_shard, nll_path, meta, cfg, device)
+    info = encode_shard_multi(net, targets, tokens, nll, meta, cfg, device)
     log.info("encoded: %s", info)
     return info
 
 
-def match_sparsity(
-    base: str,
-    target: str,
-    target_nll_paths: list[str],
-    token_paths: list[str],
-    model_params: dict[str, Any],
-    matched_params: dict[str, Any],
-    encode_params: dict[str, Any],
-    out_path: str,
-    model_name: str | None = None,
-) -> dict[str, Any]:
-    """Bisection on pruning sparsity until the pruned model's perplexity matches the target's.
-
-    The target's perplexity comes from its encode NLL shards (no second forward pass),
-    restricted to the same sequences the search evaluates; the search runs the model
-    as encode does (`matched.PruneSearch`).
-    """
-    from .matched import MatchedConfig, PruneSearch
-    from .matched import match_sparsity as search_sparsity
-    from .models import resolve_device
-    from .perplexity import chunked_perplexity
-    from .shards import Expected
-
-    cfg = MatchedConfig(
-        target=target,
-        tolerance=matched_params["tolerance"],
-        lo=matched_params["lo"],
-        hi=matched_params["hi"],
-        max_steps=matched_params["max_steps"],
-    )
-    device = resolve_device(encode_params.get("device", "auto"))
-    ids = load_token_ids(token_paths)
-    n_seq = matched_params.get("n_sequences") or len(ids)
-    ids = ids[:n_seq]
-    target_ppl = chunked_perplexity(
-        [Path(p) for p in target_nll_paths],
-        token_stop=n_seq * ids.shape[1],
-        variant=target,
-        expect=Expected(model=model_name),
-    )["perplexity"]
-    search = PruneSearch(
-        base,
-        target,
-        dtype=model_params.get("dtype", "float32"),
-        revision=model_params.get("revision"),
-        attn_implementation=model_params.get("attn_implementation"),
-        device=device,
-    )
-    best, trace = search_sparsity(
-        search, ids, target_ppl, cfg, batch_size=int(encode_params.get("batch_size", 16))
-    )
-    result = {
-        "target": target,
-        "target_perplexity": target_ppl,
-        "sparsity": best,
-        "trace": [{"step": s, "sparsity": x, "perplexity": p} for s, x, p in trace],
-        "n_sequences": int(n_seq),
-        "params": matched_params,
-    }
-    write_json(out_path, result)
-    return result
-
-
-# ---------------------------------------------------------------- analysis
-def fp_stats(
-    code_paths: list[str], out_path: str, expect: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    from .stats import fp_feature_stats
-
-    table = fp_feature_stats(
-        [Path(p) for p in code_paths], expect=Expected.from_dict(expect), variant="fp"
-    )
-    write_parquet(table, out_path)
-    return {"d_sae": table.height, "n_fired": int((table["firing_count"] > 0).sum())}
-
-
-def correlate(
-    fp_paths: list[str],
-    variant_paths: list[str],
-    out_path: str,
-    variant: str | None = None,
-    expect: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    from .correlate import correlate_variant
-
-    table = correlate_variant(
-        [Path(p) for p in fp_paths],
-        [Path(p) for p in variant_paths],
-        variant=variant,
-        expect=Expected.from_dict(expect),
-    )
-    write_parquet(table, out_path)
-    return {"n_features": table.height, "flags": table["flag"].value_counts().to_dicts()}
-
-
+@stage
 def sliding_perplexity(
-    checkpoint: str,
-    token_paths: list[str],
-    tokenizer_source: str,
-    params: dict[str, Any],
-    out_path: str,
+    *,
+    model: ModelSpec | Mapping[str, Any],
+    perplexity: PerplexityConfig | Mapping[str, Any],
+    encode: EncodeConfig | Mapping[str, Any],
+    bos: bool = False,
+    checkpoint: str | Path,
+    tokens: Paths,
+    tokenizer: str,
+    out: str | Path,
 ) -> dict[str, Any]:
     """Strided sliding-window perplexity over the token set read as one stream.
 
-    A BOS that the token set put at the start of every sequence is dropped first,
-    so the stream is the text itself; the evaluation adds its own BOS per window.
+    `bos` is `tokens.bos`: a BOS the token set put at the start of every sequence
+    is dropped first, so the stream is the text itself; the evaluation adds its own
+    BOS per window (`perplexity.bos`).
     """
     import torch
 
     from .checkpoints import load_checkpoint, read_manifest
-    from .models import load_tokenizer, resolve_device
-    from .perplexity import sliding_window_nll
+    from .encode import EncodeConfig, NonFiniteError
+    from .models import ModelSpec, resolve_device
+    from .perplexity import PerplexityConfig
+    from .sliding_perplexity import sliding_window_nll
+    from .tokens import load_tokenizer
 
-    model_params, ppl, enc = params["model"], params["perplexity"], params["encode"]
-    device = resolve_device(enc.get("device", "auto"))
-    ids = load_token_ids(token_paths)
-    bos_id = load_tokenizer(tokenizer_source).bos_token_id
-    if params.get("tokens", {}).get("bos") and bos_id is not None:
+    spec = section(ModelSpec, model)
+    ppl = section(PerplexityConfig, perplexity)
+    enc = section(EncodeConfig, encode)
+    device = resolve_device(enc.device)
+    ids = load_token_ids(tokens)
+    bos_id = load_tokenizer(tokenizer).bos_token_id
+    if bos and bos_id is not None:
         ids = ids[:, 1:]
     stream = torch.from_numpy(ids.reshape(-1))
-    model = load_checkpoint(
+    net = load_checkpoint(
         checkpoint,
-        dtype=model_params.get("dtype", "float32"),
+        dtype=spec.dtype,
         device=device,
-        attn_implementation=model_params.get("attn_implementation"),
+        attn_implementation=spec.attn_implementation,
     )
+    window_bos = bos_id if ppl.bos else None
     nll_sum, n_scored = sliding_window_nll(
-        model,
+        net,
         stream,
-        window=ppl["window"],
-        stride=ppl["stride"],
-        bos_id=bos_id if ppl.get("bos", True) else None,
-        batch_size=int(enc.get("batch_size", 16)),
+        window=ppl.window,
+        stride=ppl.stride,
+        bos_id=window_bos,
+        batch_size=enc.batch_size,
         device=device,
     )
     variant = read_manifest(checkpoint)["variant"]
     if not np.isfinite(nll_sum):
-        from .encode import NonFiniteError
-
         raise NonFiniteError(
             f"sliding-window perplexity of {variant!r} ({checkpoint}) is non-finite "
             f"(NLL sum {nll_sum}); try model.dtype: float32, or re-make the checkpoint with "
@@ -278,263 +362,230 @@ def sliding_perplexity(
         "nll_sum": nll_sum,
         "n_scored": n_scored,
         "perplexity": float(np.exp(nll_sum / n_scored)),
-        "window": ppl["window"],
-        "stride": ppl["stride"],
-        "bos": bos_id if ppl.get("bos", True) else None,
+        "window": ppl.window,
+        "stride": ppl.stride,
+        "bos": window_bos,
     }
-    write_json(out_path, result)
+    write_json(out, result)
     return result
 
 
-def perplexity_table(
-    nll_paths: dict[str, list[str]],
-    sliding_paths: dict[str, str],
-    out_path: str,
-    expect: dict[str, Any] | None = None,
+# ---------------------------------------------------------------- tables
+@stage
+def fp_stats(
+    *, codes: Paths, expect: Mapping[str, Any] | None = None, out: str | Path
+) -> dict[str, Any]:
+    """Per-feature firing statistics of the FP model's codes under one SAE."""
+    from .fp_stats import fp_feature_stats
+
+    table = fp_feature_stats(
+        [Path(p) for p in codes], expect=Expected.from_dict(expect), variant="fp"
+    )
+    write_parquet(table, out)
+    return {"d_sae": table.height, "n_fired": int((table["firing_count"] > 0).sum())}
+
+
+@stage
+def correlate(
+    *,
+    fp: Paths,
+    variant: Paths,
+    variant_name: str | None = None,
+    expect: Mapping[str, Any] | None = None,
+    out: str | Path,
+) -> dict[str, Any]:
+    """Per-feature Pearson r between the FP and one variant's codes."""
+    from .correlate import correlate_variant
+
+    table = correlate_variant(
+        [Path(p) for p in fp],
+        [Path(p) for p in variant],
+        variant=variant_name,
+        expect=Expected.from_dict(expect),
+    )
+    write_parquet(table, out)
+    return {"n_features": table.height, "flags": table["flag"].value_counts().to_dicts()}
+
+
+@stage
+def perplexity(
+    *,
+    nll: Mapping[str, Paths],
+    sliding: Mapping[str, str] | None = None,
+    expect: Mapping[str, Any] | None = None,
+    out: str | Path,
 ) -> dict[str, Any]:
     """Chunked (from encode NLL shards) and sliding-window perplexity per variant, with % change vs FP.
 
     Every NLL shard must say it is of the variant it is listed under (and of
     `expect["model"]`), and so must every sliding-window result.
     """
-    from .files import InputError, rerun_hint
-    from .perplexity import chunked_perplexity
+    from .perplexity import chunked_perplexity, perplexity_table
 
     expected = Expected.from_dict(expect)
-    rows = []
-    for variant, paths in nll_paths.items():
-        chunked = chunked_perplexity([Path(p) for p in paths], variant=variant, expect=expected)
-        row: dict[str, Any] = {
-            "variant": variant,
-            "n_tokens": chunked["n_tokens"],
-            "ppl_chunked": chunked["perplexity"],
-        }
-        if variant in sliding_paths:
-            sliding = read_json(sliding_paths[variant], "sliding_perplexity")
-            if sliding.get("variant") != variant:
-                raise InputError(
-                    f"{sliding_paths[variant]}: holds variant {sliding.get('variant')!r}, "
-                    f"listed as {variant!r}; {rerun_hint('sliding_perplexity')}"
-                )
-            row.update(ppl_sliding=sliding["perplexity"], n_tokens_sliding=sliding["n_scored"])
-        rows.append(row)
-    table = pl.DataFrame(rows)
-    if "fp" not in nll_paths:
-        raise ValueError("perplexity table needs the fp variant as reference")
-    for col in ("ppl_chunked", "ppl_sliding"):
-        if col in table.columns:
-            ref = table.filter(pl.col("variant") == "fp")[col][0]
-            table = table.with_columns((100.0 * (pl.col(col) / ref - 1.0)).alias(f"d{col}_pct"))
-    write_parquet(table, out_path)
+    chunked = {
+        name: chunked_perplexity([Path(p) for p in paths], variant=name, expect=expected)
+        for name, paths in nll.items()
+    }
+    windows = {}
+    for name, path in (sliding or {}).items():
+        windows[name] = read_json(path, "sliding_perplexity")
+        if windows[name].get("variant") != name:
+            raise InputError(
+                f"{path}: holds variant {windows[name].get('variant')!r}, listed as "
+                f"{name!r}; {rerun_hint('sliding_perplexity')}"
+            )
+    table = perplexity_table(chunked, windows)
+    write_parquet(table, out)
     return {"variants": table.height}
 
 
+@stage
 def survival(
-    fp_stats_path: str,
-    correlation_paths: dict[str, str],
-    perplexity_path: str,
-    params: dict[str, Any],
-    features_out: str,
-    summary_out: str,
+    *,
+    analysis: SurvivalConfig | Mapping[str, Any],
+    fp_stats: str | Path,
+    correlation: Mapping[str, str],
+    perplexity: str | Path,
+    features_out: str | Path,
+    summary_out: str | Path,
 ) -> pl.DataFrame:
     """Per-feature classes for every variant (long table) and the per-variant summary."""
-    from .survival import SurvivalConfig, feature_table, summary
+    from .survival import SurvivalConfig, survival_tables
 
-    cfg = SurvivalConfig(**params)
-    stats = read_parquet(fp_stats_path)
-    tables = {v: feature_table(stats, read_parquet(p), cfg) for v, p in correlation_paths.items()}
-    long = pl.concat(
-        [t.with_columns(pl.lit(v).alias("variant")) for v, t in tables.items()],
-        how="vertical_relaxed",
+    features, summary = survival_tables(
+        read_parquet(fp_stats),
+        {name: read_parquet(path) for name, path in correlation.items()},
+        read_parquet(perplexity),
+        section(SurvivalConfig, analysis),
     )
-    write_parquet(long.select("variant", pl.exclude("variant")), features_out)
-    table = summary(tables, read_parquet(perplexity_path))
-    write_parquet(table, summary_out)
-    write_csv(table, Path(summary_out).with_suffix(".csv"))
-    return table
+    write_parquet(features, features_out)
+    write_parquet(summary, summary_out)
+    write_csv(summary, Path(summary_out).with_suffix(".csv"))
+    return summary
 
 
-def _by_variant(features_path: str) -> dict[str, pl.DataFrame]:
+def _by_variant(features_path: str | Path) -> dict[str, pl.DataFrame]:
     features = read_parquet(features_path)
     return {str(k[0]): t for k, t in features.group_by("variant", maintain_order=True)}
 
 
-def predict(features_path: str, params: dict[str, Any], out_dir: str) -> pl.DataFrame:
+@stage
+def predict(
+    *, predict: PredictConfig | Mapping[str, Any], features: str | Path, out_dir: str | Path
+) -> pl.DataFrame:
     """Survival predictor for every compressed variant, plus survival by predictor quantile."""
-    from .predict import PredictConfig, predict_survival, survival_by_quantile
+    from .predict import PredictConfig, predict_tables
 
-    cfg = PredictConfig(
-        predictors=tuple(params["predictors"]), folds=params["folds"], seed=params["seed"]
-    )
-    rows, coefficients, oof, quantiles = [], [], [], []
-    for variant, table in _by_variant(features_path).items():
-        if parse_variant(variant).kind == "null":
-            continue  # every feature survives by construction: nothing to predict
-        res = predict_survival(table, cfg)
-        rows.append(
-            {
-                "variant": variant,
-                "n": res["n"],
-                "n_survived": res["n_survived"],
-                "auc_mean": res["auc_mean"],
-                "auc_sd": res["auc_sd"],
-                "intercept": res["intercept"],
-                "reason": res["reason"],
-            }
-        )
-        for name in cfg.predictors:
-            coefficients.append(
-                {
-                    "variant": variant,
-                    "predictor": name,
-                    "coefficient": res["coefficients"].get(name),
-                    "marginal_auc": res["marginal_auc"].get(name),
-                    "marginal_auc_best": res["marginal_auc_best"].get(name),
-                }
-            )
-            for q in (4, 10):
-                quantiles.append(
-                    survival_by_quantile(table, name, q).with_columns(
-                        pl.lit(variant).alias("variant"), pl.lit(q).alias("q")
-                    )
-                )
-        oof.append(
-            pl.DataFrame(
-                {
-                    "variant": variant,
-                    "feature": np.asarray(res["feature"], dtype=np.int32),
-                    # null where no fold scored the row (too few of a class for the folds)
-                    "proba": pl.Series(np.asarray(res["oof_proba"], dtype=np.float64)).fill_nan(
-                        None
-                    ),
-                    "label": np.asarray(res["oof_label"], dtype=bool),
-                }
-            )
-        )
+    tables = predict_tables(_by_variant(features), section(PredictConfig, predict))
     out = Path(out_dir)
-    floats = {"auc_mean", "auc_sd", "intercept", "coefficient", "marginal_auc", "marginal_auc_best"}
-    summary = pl.DataFrame(
-        rows,
-        schema_overrides={
-            "reason": pl.String,
-            **{k: pl.Float64 for k in floats & {"auc_mean", "auc_sd", "intercept"}},
-        },
-    )
-    write_parquet(summary, out / "predict.parquet")
-    write_parquet(
-        pl.DataFrame(
-            coefficients,
-            schema_overrides={
-                k: pl.Float64 for k in ("coefficient", "marginal_auc", "marginal_auc_best")
-            },
-        ),
-        out / "predict_coefficients.parquet",
-    )
-    write_parquet(pl.concat(oof, how="vertical_relaxed"), out / "predict_oof.parquet")
-    by_q = pl.concat(quantiles, how="vertical_relaxed")
-    write_parquet(
-        by_q.select("variant", "predictor", "q", pl.exclude("variant", "predictor", "q")),
-        out / "survival_by_quantile.parquet",
-    )
-    return summary
+    write_parquet(tables.summary, out / "predict.parquet")
+    write_parquet(tables.coefficients, out / "predict_coefficients.parquet")
+    write_parquet(tables.oof, out / "predict_oof.parquet")
+    write_parquet(tables.quantiles, out / "survival_by_quantile.parquet")
+    return tables.summary
 
 
-def overlap_table(features_path: str, pairs: list[list[str]], out_path: str) -> pl.DataFrame:
+@stage
+def overlap(*, pairs: list[list[str]], features: str | Path, out: str | Path) -> pl.DataFrame:
     """Jaccard of non-surviving/blurred/destroyed sets and damage rank correlation per variant pair."""
-    from .overlap import overlap
+    from .overlap import overlap_table
 
-    tables = _by_variant(features_path)
-    rows = [{"variant_a": a, "variant_b": b, **overlap(tables[a], tables[b])} for a, b in pairs]
-    # Undefined numbers are null (None), never NaN; keep their columns Float64 when all are.
-    table = (
-        pl.DataFrame(rows, infer_schema_length=None).with_columns(
-            pl.col(r"^(jaccard|spearman|pearson).*$").cast(pl.Float64),
-            pl.col("reason").cast(pl.String),
-        )
-        if rows
-        else pl.DataFrame(rows)
-    )
-    write_parquet(table, out_path)
+    table = overlap_table(_by_variant(features), pairs)
+    write_parquet(table, out)
     return table
 
 
+@stage
 def stability(
-    fp_codes: list[str],
-    variant_codes: dict[str, list[str]],
-    params: dict[str, Any],
-    out_path: str,
-    expect: dict[str, Any] | None = None,
+    *,
+    stability: StabilityConfig | Mapping[str, Any],
+    analysis: SurvivalConfig | Mapping[str, Any],
+    seq_len: int,
+    fp: Paths,
+    codes: Mapping[str, Paths],
+    expect: Mapping[str, Any] | None = None,
+    out: str | Path,
 ) -> pl.DataFrame:
+    """Class shares at nested token budgets and random sequence subsets."""
     from .stability import StabilityConfig, stability_table
     from .survival import SurvivalConfig
 
     table = stability_table(
-        fp_codes,
-        variant_codes,
+        fp,
+        codes,
         expect=Expected.from_dict(expect),
         check_variants=True,
-        seq_len=params["seq_len"],
-        survival=SurvivalConfig(**params["analysis"]),
-        cfg=StabilityConfig(
-            token_budgets=tuple(params["stability"]["token_budgets"]),
-            subsets=params["stability"]["subsets"],
-            seed=params["stability"]["seed"],
-        ),
+        seq_len=seq_len,
+        survival=section(SurvivalConfig, analysis),
+        cfg=section(StabilityConfig, stability),
     )
-    write_parquet(table, out_path)
+    write_parquet(table, out)
     return table
 
 
-def threshold_grid(features_path: str, params: dict[str, Any], out_path: str) -> pl.DataFrame:
-    from .survival import threshold_grid as grid
-
-    tables = {v: t for v, t in _by_variant(features_path).items()}
-    table = grid(tables, params["survived_grid"], params["destroyed_grid"])
-    write_parquet(table, out_path)
-    return table
-
-
-def contexts(
-    features_path: str,
-    fp_codes: list[str],
-    variant_codes: dict[str, list[str]],
-    token_paths: list[str],
-    tokenizer_source: str,
-    params: dict[str, Any],
-    out_path: str,
-    expect: dict[str, Any] | None = None,
+@stage
+def threshold_grid(
+    *,
+    threshold_grid: ThresholdGridConfig | Mapping[str, Any],
+    features: str | Path,
+    out: str | Path,
 ) -> pl.DataFrame:
-    from .contexts import ContextConfig, damaged_contexts
-    from .models import load_tokenizer
+    """Class shares over a grid of survived / destroyed thresholds."""
+    from .threshold_grid import ThresholdGridConfig
+    from .threshold_grid import threshold_grid as grid
 
-    features = read_parquet(features_path).filter(pl.col("variant").is_in(list(variant_codes)))
-    table = damaged_contexts(
-        features,
-        fp_codes,
-        variant_codes,
-        load_token_ids(token_paths),
-        load_tokenizer(tokenizer_source),
-        ContextConfig(**params),
-        expect=Expected.from_dict(expect),
-        check_variants=True,
-    )
-    write_parquet(table, out_path)
-    write_csv(table, Path(out_path).with_suffix(".csv"))
+    table = grid(_by_variant(features), section(ThresholdGridConfig, threshold_grid))
+    write_parquet(table, out)
     return table
 
 
+@stage
+def damaged_contexts(
+    *,
+    damaged_contexts: ContextConfig | Mapping[str, Any],
+    features: str | Path,
+    fp: Paths,
+    codes: Mapping[str, Paths],
+    tokens: Paths,
+    tokenizer: str,
+    expect: Mapping[str, Any] | None = None,
+    out: str | Path,
+) -> pl.DataFrame:
+    """The most damaged features' top FP contexts, and the variant's activation there."""
+    from .damaged_contexts import ContextConfig
+    from .damaged_contexts import damaged_contexts as find
+    from .tokens import load_tokenizer
+
+    table = find(
+        read_parquet(features).filter(pl.col("variant").is_in(list(codes))),
+        fp,
+        codes,
+        load_token_ids(tokens),
+        load_tokenizer(tokenizer),
+        section(ContextConfig, damaged_contexts),
+        expect=Expected.from_dict(expect),
+        check_variants=True,
+    )
+    write_parquet(table, out)
+    write_csv(table, Path(out).with_suffix(".csv"))
+    return table
+
+
+@stage
 def reference_comparison(
-    reference_csv: str, tables_dir: str, perplexity_path: str, out_path: str
+    *, reference: str | Path, tables_dir: str | Path, perplexity: str | Path, out: str | Path
 ) -> pl.DataFrame:
-    from .reference import compare
+    """Published results beside this run's (config `models.<name>.reference`)."""
+    from .reference_comparison import compare
 
     tables = Path(tables_dir)
     table = compare(
-        reference_csv,
+        reference,
         read_parquet(tables / "survival.parquet"),
-        read_parquet(perplexity_path),
+        read_parquet(perplexity),
         read_parquet(tables / "predict.parquet"),
         read_parquet(tables / "overlap.parquet"),
     )
-    write_parquet(table, out_path)
+    write_parquet(table, out)
     return table

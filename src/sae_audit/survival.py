@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import overload
 
 import polars as pl
 
+from .config import FROM_SCHEMA, ConfigSection, check_survival_thresholds
+
 CLASSES = ("survived", "blurred", "destroyed")
 
 
 @dataclass(frozen=True)
-class SurvivalConfig:
+class SurvivalConfig(ConfigSection, section="analysis"):
     """Thresholds: active means FP firing rate > active_rate; classes cut r."""
 
-    active_rate: float = 0.001
-    survived: float = 0.9
-    destroyed: float = 0.5
+    active_rate: float = FROM_SCHEMA
+    survived: float = FROM_SCHEMA
+    destroyed: float = FROM_SCHEMA
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.active_rate < 1.0:
-            raise ValueError(f"active_rate must be in [0, 1), got {self.active_rate}")
-        if not 0.0 <= self.survived <= 1.0:
-            raise ValueError(f"survived must be in [0, 1], got {self.survived}")
-        if not 0.0 <= self.destroyed <= self.survived:
-            raise ValueError(
-                f"destroyed must be in [0, survived={self.survived}], got {self.destroyed}"
-            )
+    def _check(self) -> None:
+        check_survival_thresholds(self.to_dict(), self.section)
 
 
 @overload
@@ -85,7 +79,7 @@ def feature_table(
     )
 
 
-def _class_fractions(cls: pl.Expr) -> list[pl.Expr]:
+def class_fractions(cls: pl.Expr) -> list[pl.Expr]:
     n = pl.len()
     return [
         n.alias("n_active"),
@@ -104,7 +98,7 @@ def summary(
     for variant, table in tables.items():
         active = table.filter(pl.col("active"))
         row = active.select(
-            *_class_fractions(pl.col("class")),
+            *class_fractions(pl.col("class")),
             pl.col("r").mean().alias("mean_r"),
             pl.col("r").median().alias("median_r"),
             (pl.col("flag") == "variant_silent").sum().alias("n_variant_silent")
@@ -122,35 +116,16 @@ def summary(
     return out
 
 
-def threshold_grid(
-    feature_tables: dict[str, pl.DataFrame],
-    survived_grid: Sequence[float],
-    destroyed_grid: Sequence[float],
-) -> pl.DataFrame:
-    """Class fractions (% of active features) for every (survived, destroyed)
-    threshold pair with destroyed <= survived; other pairs are skipped."""
-    rows = []
-    for variant, table in feature_tables.items():
-        active = table.filter(pl.col("active"))
-        for s in survived_grid:
-            for d in destroyed_grid:
-                if d > s:
-                    continue
-                cfg = SurvivalConfig(survived=float(s), destroyed=float(d))
-                rows.append(
-                    active.select(*_class_fractions(classify(pl.col("r"), cfg))).with_columns(
-                        pl.lit(variant).alias("variant"),
-                        pl.lit(float(s)).alias("survived_threshold"),
-                        pl.lit(float(d)).alias("destroyed_threshold"),
-                    )
-                )
-    if not rows:
-        raise ValueError(
-            "threshold grid is empty (no variant, or no pair with destroyed <= survived)"
-        )
-    return pl.concat(rows, how="vertical_relaxed").select(
-        "variant",
-        "survived_threshold",
-        "destroyed_threshold",
-        pl.exclude("variant", "survived_threshold", "destroyed_threshold"),
+def survival_tables(
+    fp_stats: pl.DataFrame,
+    correlations: dict[str, pl.DataFrame],
+    perplexity: pl.DataFrame | None,
+    cfg: SurvivalConfig,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(per feature and variant: the long features table, per variant: the summary)."""
+    tables = {v: feature_table(fp_stats, corr, cfg) for v, corr in correlations.items()}
+    long = pl.concat(
+        [t.with_columns(pl.lit(v).alias("variant")) for v, t in tables.items()],
+        how="vertical_relaxed",
     )
+    return long.select("variant", pl.exclude("variant")), summary(tables, perplexity)

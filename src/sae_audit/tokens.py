@@ -10,6 +10,9 @@ Two steps, each one function:
   with `tokens.join`, tokenize that stream once, cut `n_sequences` contiguous
   chunks of `seq_len` tokens (after an optional BOS), and write them as shards.
 
+`load_tokenizer(source)` loads the HF tokenizer; it lives here, not in
+`sae_audit.models`, so that table stages get one without importing torch.
+
 The reference study (WikiText-2 raw train: the dataset's non-empty rows joined
 with blank lines, each row raw, its leading space and trailing newline kept; no
 special tokens; 512-token chunks) is::
@@ -28,46 +31,30 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import FROM_SCHEMA, ConfigSection, check_token_set, section_label
 from .shards import read_token_shard, write_token_shard
-
-DEFAULT_JOIN = "\n\n"
 
 
 # ---------------------------------------------------------------- documents
 @dataclass(frozen=True)
-class DocumentSpec:
-    """The document-reading keys of `models.<name>.tokens` (defaults match the schema)."""
+class DocumentSpec(ConfigSection, section="models.*.tokens"):
+    """The document-reading keys of `models.<name>.tokens` (TokenSetConfig has the rest)."""
 
-    source: str = "text"
-    text_column: str = "text"
-    drop_empty: bool = True  # drop empty / whitespace-only documents
-    line_documents: bool = False  # every line is a document (text files: instead of paragraphs)
-    strip: bool = True  # strip leading/trailing whitespace of every document
-    dataset: dict[str, Any] = field(default_factory=dict)  # source hf: load_dataset arguments
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(
-                f"tokens.source={self.source!r} is not a token source; "
-                f"choose one of {sorted(SOURCES)}"
-            )
-        if not self.text_column:
-            raise ValueError("tokens.text_column must be a non-empty column name")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DocumentSpec:
-        keys = cls.__dataclass_fields__
-        kwargs = {k: v for k, v in d.items() if k in keys}
-        if kwargs.get("dataset") is None:
-            kwargs.pop("dataset", None)
-        return cls(**kwargs)
+    source: str  # required by the schema: no default
+    text_column: str = FROM_SCHEMA
+    drop_empty: bool = FROM_SCHEMA  # drop empty / whitespace-only documents
+    line_documents: bool = FROM_SCHEMA  # every line is a document (text files: not paragraphs)
+    strip: bool = FROM_SCHEMA  # strip leading/trailing whitespace of every document
+    # source hf: load_dataset arguments. The schema has no default (other sources have no
+    # dataset), so empty stands for absent; _read_hf names the missing path.
+    dataset: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -214,36 +201,32 @@ def load_documents(spec: dict[str, Any], paths: list[str]) -> list[str]:
     return docs
 
 
-def read_documents(paths: list[str | Path]) -> list[str]:
-    """Documents from text files: blank-line separated paragraphs, empty ones dropped."""
-    return load_documents({"source": "text"}, [str(p) for p in paths])
+# ---------------------------------------------------------------- tokenizer
+def load_tokenizer(source: str | Path, revision: str | None = None) -> Any:
+    """The HF tokenizer of a model id or local directory.
+
+    Torch-free (transformers imports without torch), so table stages such as
+    damaged_contexts can decode tokens in an environment without torch.
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source), revision=revision)
 
 
 # ---------------------------------------------------------------- token set
 @dataclass(frozen=True)
-class TokenSetConfig:
-    seq_len: int = 128
-    n_sequences: int = 512
-    n_shards: int = 4
-    add_special_tokens: bool = False
-    bos: bool = False  # prepend BOS to every sequence (seq_len includes it)
-    join: str = DEFAULT_JOIN  # inserted between documents
+class TokenSetConfig(ConfigSection, section="models.*.tokens"):
+    """The token-set keys of `models.<name>.tokens` (DocumentSpec has the document keys)."""
 
-    def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise ValueError(f"tokens.seq_len must be >= 2, got {self.seq_len}")
-        if self.n_sequences < 1 or self.n_shards < 1:
-            raise ValueError("tokens.n_sequences and tokens.n_shards must be >= 1")
-        if self.n_shards > self.n_sequences:
-            raise ValueError(
-                f"tokens.n_shards ({self.n_shards}) exceeds tokens.n_sequences ({self.n_sequences}): "
-                "every shard needs at least one sequence"
-            )
+    seq_len: int = FROM_SCHEMA
+    n_sequences: int = FROM_SCHEMA
+    n_shards: int = FROM_SCHEMA
+    add_special_tokens: bool = FROM_SCHEMA
+    bos: bool = FROM_SCHEMA  # prepend BOS to every sequence (seq_len includes it)
+    join: str = FROM_SCHEMA  # inserted between documents
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TokenSetConfig:
-        keys = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in keys})
+    def _check(self) -> None:
+        check_token_set(self.to_dict(), section_label(self.section))
 
 
 def shard_bounds(n_sequences: int, n_shards: int) -> list[tuple[int, int]]:

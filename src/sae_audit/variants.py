@@ -1,6 +1,6 @@
 """Variant names: one string says what a compressed checkpoint is.
 
-Grammar (DESIGN.md):
+Grammar:
   fp                          the full-precision model
   rtn-int{b}[-g{G}][-asym]    round-to-nearest, b bits, optional group size, asymmetric
   prune-{s}                   per-tensor magnitude pruning at sparsity s (0 < s < 1)
@@ -32,10 +32,6 @@ class Variant:
     symmetric: bool = True
     sparsity: float | None = None
     target: str | None = None
-
-    @property
-    def is_compressed(self) -> bool:
-        return self.kind != "fp"
 
 
 def rtn_name(bits: int, group_size: int | None = None, symmetric: bool = True) -> str:

@@ -1,5 +1,7 @@
 # Per-feature statistics, correlations, perplexity and survival tables.
 # Paths with {model}/{sae}: one measurement basis (an SAE of a model); perplexity is per model.
+# Every rule calls the stage of its own name: `sae-audit <rule>` with the stage's flags.
+# Seconds-long table jobs are `localrule`s: on a cluster they run on the submit host.
 
 
 rule fp_stats:
@@ -11,13 +13,14 @@ rule fp_stats:
         f"{R}/logs/fp_stats/{{model}}/{{sae}}.log",
     benchmark:
         f"{R}/benchmarks/fp_stats/{{model}}/{{sae}}.tsv"
+    localrule: True
     conda:
         "../../envs/analysis.yaml"
     params:
         codes=lambda w: code_files(w.model, "fp", w.sae),
         expect=lambda w: shard_expectation(w.model, w.sae),
     shell:
-        "sae-audit stats --expect {params.expect:q} --codes {params.codes:q} --out {output:q} > {log:q} 2>&1"
+        "sae-audit fp-stats --expect {params.expect:q} --codes {params.codes:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule correlate:
@@ -30,6 +33,7 @@ rule correlate:
         f"{R}/logs/correlate/{{model}}/{{sae}}/{{variant}}.log",
     benchmark:
         f"{R}/benchmarks/correlate/{{model}}/{{sae}}/{{variant}}.tsv"
+    localrule: True
     conda:
         "../../envs/analysis.yaml"
     params:
@@ -39,37 +43,6 @@ rule correlate:
     shell:
         "sae-audit correlate --expect {params.expect:q} --fp {params.fp:q} --variant {params.variant:q} "
         "--variant-name {wildcards.variant:q} --out {output:q} > {log:q} 2>&1"
-
-
-rule sliding_perplexity:
-    input:
-        checkpoint=f"{R}/checkpoints/{{model}}/{{variant}}",
-        tokens=token_dir,
-    output:
-        f"{R}/perplexity/{{model}}/{{variant}}/sliding.json",
-    log:
-        f"{R}/logs/sliding_perplexity/{{model}}/{{variant}}.log",
-    benchmark:
-        f"{R}/benchmarks/sliding_perplexity/{{model}}/{{variant}}.tsv"
-    conda:
-        "../../envs/analysis.yaml"
-    threads: lambda w: model_cfg(w.model)["resources"]["threads"]
-    resources:
-        mem_mb=lambda w: model_cfg(w.model)["resources"]["mem_mb"],
-        runtime=lambda w: model_cfg(w.model)["resources"]["runtime"],
-        gpu=0 if config["encode"]["device"] == "cpu" else 1,
-    params:
-        tokenizer=tokenizer_source,
-        tokens=lambda w: token_files(w.model),
-        cfg=lambda w: dumps(
-            model=model_cfg(w.model)["model"],
-            tokens={"bos": model_cfg(w.model)["tokens"]["bos"]},
-            perplexity=config["perplexity"],
-            encode=config["encode"],
-        ),
-    shell:
-        "sae-audit sliding-perplexity --params {params.cfg:q} --checkpoint {input.checkpoint:q} "
-        "--tokens {params.tokens:q} --tokenizer {params.tokenizer:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule perplexity:
@@ -82,6 +55,7 @@ rule perplexity:
         f"{R}/logs/perplexity/{{model}}.log",
     benchmark:
         f"{R}/benchmarks/perplexity/{{model}}.tsv"
+    localrule: True
     conda:
         "../../envs/analysis.yaml"
     params:
@@ -108,6 +82,7 @@ rule survival:
         f"{R}/logs/survival/{{model}}/{{sae}}.log",
     benchmark:
         f"{R}/benchmarks/survival/{{model}}/{{sae}}.tsv"
+    localrule: True
     conda:
         "../../envs/analysis.yaml"
     params:
@@ -115,9 +90,9 @@ rule survival:
             f"{v}={R}/features/{w.model}/{w.sae}/{v}/correlation.parquet"
             for v in VARIANTS
         ],
-        cfg=dumps(config["analysis"]),
+        analysis=dumps(config["analysis"]),
     shell:
-        "sae-audit survival --params {params.cfg:q} --fp-stats {input.fp_stats:q} "
+        "sae-audit survival --analysis {params.analysis:q} --fp-stats {input.fp_stats:q} "
         "--correlation {params.correlation:q} --perplexity {input.perplexity:q} "
         "--features-out {output.features:q} --summary-out {output.summary:q} > {log:q} 2>&1"
 
@@ -134,13 +109,14 @@ rule predict:
         f"{R}/logs/predict/{{model}}/{{sae}}.log",
     benchmark:
         f"{R}/benchmarks/predict/{{model}}/{{sae}}.tsv"
+    localrule: True
     conda:
         "../../envs/analysis.yaml"
     params:
-        cfg=dumps(config["predict"]),
+        predict=dumps(config["predict"]),
         out_dir=lambda w: f"{R}/tables/{w.model}/{w.sae}",
     shell:
-        "sae-audit predict --params {params.cfg:q} --features {input:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "sae-audit predict --predict {params.predict:q} --features {input:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule overlap:
@@ -152,12 +128,13 @@ rule overlap:
         f"{R}/logs/overlap/{{model}}/{{sae}}.log",
     benchmark:
         f"{R}/benchmarks/overlap/{{model}}/{{sae}}.tsv"
+    localrule: True
     conda:
         "../../envs/analysis.yaml"
     params:
-        cfg=dumps(pairs=audit_config.overlap_pairs(config)),
+        pairs=dumps([list(p) for p in audit_config.overlap_pairs(config)]),
     shell:
-        "sae-audit overlap --params {params.cfg:q} --features {input:q} --out {output:q} > {log:q} 2>&1"
+        "sae-audit overlap --pairs {params.pairs:q} --features {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule stability:
@@ -177,16 +154,16 @@ rule stability:
         codes=lambda w: [
             f"{v}={p}" for v in VARIANTS for p in code_files(w.model, v, w.sae)
         ],
-        cfg=lambda w: dumps(
-            seq_len=model_cfg(w.model)["tokens"]["seq_len"],
-            analysis=config["analysis"],
-            stability={
-                k: config["stability"][k] for k in ("token_budgets", "subsets", "seed")
-            },
+        stability=dumps(
+            {k: config["stability"][k] for k in ("token_budgets", "subsets", "seed")}
         ),
+        analysis=dumps(config["analysis"]),
+        seq_len=lambda w: model_cfg(w.model)["tokens"]["seq_len"],
         expect=lambda w: shard_expectation(w.model, w.sae),
     shell:
-        "sae-audit stability --params {params.cfg:q} --expect {params.expect:q} --fp {params.fp:q} --codes {params.codes:q} --out {output:q} > {log:q} 2>&1"
+        "sae-audit stability --stability {params.stability:q} --analysis {params.analysis:q} "
+        "--seq-len {params.seq_len:q} --expect {params.expect:q} --fp {params.fp:q} --codes {params.codes:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule threshold_grid:
@@ -196,14 +173,16 @@ rule threshold_grid:
         f"{R}/tables/{{model}}/{{sae}}/threshold_grid.parquet",
     log:
         f"{R}/logs/threshold_grid/{{model}}/{{sae}}.log",
+    benchmark:
+        f"{R}/benchmarks/threshold_grid/{{model}}/{{sae}}.tsv"
+    localrule: True
     conda:
         "../../envs/analysis.yaml"
     params:
-        cfg=dumps(
-            {k: config["stability"][k] for k in ("survived_grid", "destroyed_grid")}
-        ),
+        threshold_grid=dumps(config["threshold_grid"]),
     shell:
-        "sae-audit threshold-grid --params {params.cfg:q} --features {input:q} --out {output:q} > {log:q} 2>&1"
+        "sae-audit threshold-grid --threshold-grid {params.threshold_grid:q} --features {input:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule damaged_contexts:
@@ -218,6 +197,8 @@ rule damaged_contexts:
         csv=f"{R}/tables/{{model}}/{{sae}}/damaged_contexts.csv",
     log:
         f"{R}/logs/damaged_contexts/{{model}}/{{sae}}.log",
+    benchmark:
+        f"{R}/benchmarks/damaged_contexts/{{model}}/{{sae}}.tsv"
     conda:
         "../../envs/analysis.yaml"
     params:
@@ -227,12 +208,12 @@ rule damaged_contexts:
         ],
         tokens=lambda w: token_files(w.model),
         tokenizer=tokenizer_source,
-        cfg=dumps(config["inspect"]),
+        damaged_contexts=dumps(config["damaged_contexts"]),
         expect=lambda w: shard_expectation(w.model, w.sae),
     shell:
-        "sae-audit contexts --params {params.cfg:q} --expect {params.expect:q} --features {input.features:q} --fp {params.fp:q} "
-        "--codes {params.codes:q} --tokens {params.tokens:q} --tokenizer {params.tokenizer:q} "
-        "--out {output.parquet:q} > {log:q} 2>&1"
+        "sae-audit damaged-contexts --damaged-contexts {params.damaged_contexts:q} --expect {params.expect:q} "
+        "--features {input.features:q} --fp {params.fp:q} --codes {params.codes:q} --tokens {params.tokens:q} "
+        "--tokenizer {params.tokenizer:q} --out {output.parquet:q} > {log:q} 2>&1"
 
 
 rule reference_comparison:
@@ -246,10 +227,12 @@ rule reference_comparison:
         f"{R}/tables/{{model}}/{{sae}}/reference_comparison.parquet",
     log:
         f"{R}/logs/reference_comparison/{{model}}/{{sae}}.log",
+    benchmark:
+        f"{R}/benchmarks/reference_comparison/{{model}}/{{sae}}.tsv"
     conda:
         "../../envs/analysis.yaml"
     params:
-        tables=lambda w: f"{R}/tables/{w.model}/{w.sae}",
+        tables_dir=lambda w: f"{R}/tables/{w.model}/{w.sae}",
     shell:
-        "sae-audit reference --reference {input.reference:q} --tables-dir {params.tables:q} "
+        "sae-audit reference-comparison --reference {input.reference:q} --tables-dir {params.tables_dir:q} "
         "--perplexity {input.perplexity:q} --out {output:q} > {log:q} 2>&1"

@@ -26,6 +26,19 @@ def model_cfg(model):
     return config["models"][model]
 
 
+def model_threads(wildcards):
+    """Threads, memory and runtime of a model's heavy jobs (`models.<name>.resources`)."""
+    return model_cfg(wildcards.model)["resources"]["threads"]
+
+
+def model_mem_mb(wildcards):
+    return model_cfg(wildcards.model)["resources"]["mem_mb"]
+
+
+def model_runtime(wildcards):
+    return model_cfg(wildcards.model)["resources"]["runtime"]
+
+
 def n_shards(model):
     return model_cfg(model)["tokens"]["n_shards"]
 
@@ -166,20 +179,12 @@ def report_tables(model):
     return REPORT_TABLES + extra
 
 
-# One rule plot_NAME in plots.smk, one function sae_audit.plots.NAME and one
-# caption workflow/report/NAME.rst per figure (tests/test_plots.py checks all three).
-FIGURES = [
-    "class_fractions_vs_bits",
-    "correlation_histograms",
-    "perplexity_vs_bits",
-    "perplexity_vs_damage",
-    "roc_curves",
-    "coefficients",
-    "survival_by_quartile",
-    "survival_by_firing_rate_decile",
-    "rtn_vs_pruning_scatter",
-    "stability",
-]
+# The figure registry (sae_audit.figures): per figure its input tables, caption and
+# report category; one rule plot_NAME each in plots.smk, drawn by sae_audit.plots.NAME
+# and captioned by workflow/report/NAME.rst (tests/test_plots.py checks they agree).
+from sae_audit.figures import FIGURE_REGISTRY
+
+FIGURES = list(FIGURE_REGISTRY)
 # Result tables (tables/{model}/NAME.parquet) the report shows (rule report_tables).
 REPORT_TABLES = [
     "survival",

@@ -13,15 +13,15 @@ rule compress:
         f"{R}/benchmarks/compress/{{model}}/{{variant}}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: lambda w: model_cfg(w.model)["resources"]["threads"]
+    threads: model_threads
     resources:
-        mem_mb=lambda w: model_cfg(w.model)["resources"]["mem_mb"],
-        runtime=lambda w: model_cfg(w.model)["resources"]["runtime"],
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
     params:
         base=base_model,
-        cfg=lambda w: dumps(model_cfg(w.model)["model"]),
+        model=lambda w: dumps(model_cfg(w.model)["model"]),
     shell:
-        "sae-audit compress --params {params.cfg:q} --base {params.base:q} --variant {wildcards.variant:q} "
+        "sae-audit compress --model {params.model:q} --base {params.base:q} --variant {wildcards.variant:q} "
         "--matched {input.matched:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -38,23 +38,24 @@ rule match_sparsity:
         f"{R}/benchmarks/match_sparsity/{{model}}/{{target}}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: lambda w: model_cfg(w.model)["resources"]["threads"]
+    threads: model_threads
     resources:
-        mem_mb=lambda w: model_cfg(w.model)["resources"]["mem_mb"],
-        runtime=lambda w: model_cfg(w.model)["resources"]["runtime"],
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
     params:
         base=base_model,
         tokens=lambda w: token_files(w.model),
-        cfg=lambda w: dumps(
-            model=model_cfg(w.model)["model"],
-            matched={
+        model=lambda w: dumps(model_cfg(w.model)["model"]),
+        matched=dumps(
+            {
                 k: v
                 for k, v in config["compression"]["prune"]["matched"].items()
                 if k != "targets"
-            },
-            encode=config["encode"],
+            }
         ),
+        encode=dumps(config["encode"]),
     shell:
-        "sae-audit match-sparsity --params {params.cfg:q} --base {params.base:q} --target {wildcards.target:q} "
+        "sae-audit match-sparsity --model {params.model:q} --matched {params.matched:q} "
+        "--encode {params.encode:q} --base {params.base:q} --target {wildcards.target:q} "
         "--target-nll {input.target_nll:q} --tokens {params.tokens:q} --model-name {wildcards.model:q} "
         "--out {output:q} > {log:q} 2>&1"

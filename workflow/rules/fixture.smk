@@ -12,9 +12,9 @@ rule fixture_corpus:
     conda:
         "../../envs/torch.yaml"
     params:
-        cfg=dumps(config["fixture"]["corpus"]),
+        corpus=dumps(config["fixture"]["corpus"]),
     shell:
-        "sae-audit fixture-corpus --params {params.cfg:q} --train {output.train:q} --heldout {output.heldout:q} > {log:q} 2>&1"
+        "sae-audit fixture-corpus --corpus {params.corpus:q} --train {output.train:q} --heldout {output.heldout:q} > {log:q} 2>&1"
 
 
 rule fixture_tokenizer:
@@ -29,9 +29,9 @@ rule fixture_tokenizer:
     conda:
         "../../envs/torch.yaml"
     params:
-        cfg=dumps(config["fixture"]["tokenizer"]),
+        tokenizer=dumps(config["fixture"]["tokenizer"]),
     shell:
-        "sae-audit fixture-tokenizer --params {params.cfg:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
+        "sae-audit fixture-tokenizer --tokenizer {params.tokenizer:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fixture_model:
@@ -49,9 +49,9 @@ rule fixture_model:
         "../../envs/torch.yaml"
     threads: 2
     params:
-        cfg=dumps(config["fixture"]["model"]),
+        model=dumps(config["fixture"]["model"]),
     shell:
-        "sae-audit fixture-model --params {params.cfg:q} --tokenizer {input.tokenizer:q} "
+        "sae-audit fixture-model --model {params.model:q} --tokenizer {input.tokenizer:q} "
         "--train {input.train:q} --heldout {input.heldout:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -69,6 +69,6 @@ rule fixture_sae:
         "../../envs/torch.yaml"
     threads: 2
     params:
-        cfg=dumps(config["fixture"]["sae"]),
+        sae=dumps(config["fixture"]["sae"]),
     shell:
-        "sae-audit fixture-sae --params {params.cfg:q} --model {input.model:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
+        "sae-audit fixture-sae --sae {params.sae:q} --model {input.model:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"

@@ -19,7 +19,7 @@ rule tokenize:
         out=lambda w, output: [
             f"{output[0]}/shard-{s}.parquet" for s in shards(w.model)
         ],
-        cfg=lambda w: dumps(model_cfg(w.model)["tokens"]),
+        tokens=lambda w: dumps(model_cfg(w.model)["tokens"]),
     shell:
-        "sae-audit tokenize --params {params.cfg:q} --tokenizer {params.tokenizer:q} "
+        "sae-audit tokenize --tokens {params.tokens:q} --tokenizer {params.tokenizer:q} "
         "--text {input.text:q} --out {params.out:q} > {log:q} 2>&1"

@@ -10,34 +10,35 @@ from typing import Any
 
 import numpy as np
 
+from sae_audit.config import FROM_SCHEMA, ConfigSection, check_matched, schema_default
 from sae_audit.variants import parse_variant
 
 log = logging.getLogger("sae_audit")
 
 
 @dataclass(frozen=True)
-class MatchedConfig:
-    """Bisection setup: target variant, relative tolerance, sparsity bracket, budget."""
+class MatchedConfig(ConfigSection, section="compression.prune.matched", extra_fields=("target",)):
+    """Bisection setup: target variant, relative tolerance, sparsity bracket, budget.
 
-    target: str = "rtn-int6"
-    tolerance: float = 0.01
-    lo: float = 0.0
-    hi: float = 0.9
-    max_steps: int = 12
+    One search per target: `target` is one of the section's `targets` (no key of its own),
+    so the stage passes it, `MatchedConfig.from_dict(matched, target=target)`.
+    """
 
-    def __post_init__(self) -> None:
+    target: str = schema_default("compression.prune.matched", "targets")[0]
+    tolerance: float = FROM_SCHEMA
+    lo: float = FROM_SCHEMA
+    hi: float = FROM_SCHEMA
+    max_steps: int = FROM_SCHEMA
+    n_sequences: int | None = FROM_SCHEMA  # token-set prefix searched on (None: all of it)
+
+    def _check(self) -> None:
         if parse_variant(self.target).kind not in ("rtn", "prune"):
-            raise ValueError(f"target must be an rtn or prune variant, got {self.target!r}")
-        if not (math.isfinite(self.tolerance) and self.tolerance > 0):
+            # A config's targets are checked against its variants by config.validate.
             raise ValueError(
-                f"tolerance must be a positive relative tolerance, got {self.tolerance}"
+                f"config key '{self.section}.targets': target must be an rtn or prune "
+                f"variant, got {self.target!r}"
             )
-        if not 0.0 <= self.lo < self.hi < 1.0:
-            raise ValueError(
-                f"lo and hi must satisfy 0 <= lo < hi < 1, got lo={self.lo}, hi={self.hi}"
-            )
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        check_matched(self.to_dict(), self.section)
 
 
 def bisect_sparsity(

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from sae_audit.files import InputError, rerun_hint
-from sae_audit.shards import Expected, ShardMetadata, code_set_metadata, iter_code_batches
+from sae_audit.shards import Expected, code_set_metadata, iter_code_batches, row_keys
 
 
 def fp_feature_stats(
@@ -49,7 +48,8 @@ def fp_feature_stats(
             feature = batch.column("feature").to_numpy()
             value = batch.column("value").to_numpy().astype(np.float64)
             token = batch.column("token").to_numpy()
-            last_key = _check_batch(path, meta, token, feature, last_key)
+            keys = row_keys(path, meta, token, feature, after=last_key)
+            last_key = int(keys[-1]) if keys.size else last_key
             total_sum += np.bincount(feature, weights=value, minlength=d_sae)
             total_sq += np.bincount(feature, weights=value * value, minlength=d_sae)
             pos = value > 0
@@ -71,32 +71,3 @@ def fp_feature_stats(
             "n_tokens": np.full(d_sae, total, dtype=np.int64),
         }
     ).with_columns(pl.col("mean_when_firing").fill_nan(None))
-
-
-def _check_batch(
-    path: Path, meta: ShardMetadata, token: np.ndarray, feature: np.ndarray, last_key: int
-) -> int:
-    """Reject rows outside the shard's range or feature space, duplicated or unsorted.
-
-    A duplicated (token, feature) row would be counted twice; the schema promises rows
-    strictly sorted by (token, feature), which also rules duplicates out. Returns the
-    batch's last key, for the next batch to continue from.
-    """
-    if token.size == 0:
-        return last_key
-    if token.min() < meta.token_start or token.max() >= meta.token_stop:
-        raise InputError(
-            f"{path}: tokens outside the declared range [{meta.token_start}, {meta.token_stop}); "
-            f"{rerun_hint('encode')}"
-        )
-    if feature.min() < 0 or feature.max() >= meta.d_sae:
-        raise InputError(
-            f"{path}: feature index outside [0, d_sae={meta.d_sae}); {rerun_hint('encode')}"
-        )
-    keys = token.astype(np.int64) * meta.d_sae + feature.astype(np.int64)
-    if keys[0] <= last_key or (keys.size > 1 and not bool(np.all(np.diff(keys) > 0))):
-        raise InputError(
-            f"{path}: rows not strictly sorted by (token, feature) (duplicated or unsorted "
-            f"rows); {rerun_hint('encode')}"
-        )
-    return int(keys[-1])

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from .config import FROM_SCHEMA, ConfigSection
 from .files import InputError, rerun_hint
 from .shards import Expected, pair_shards
 
@@ -17,16 +18,12 @@ MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 
 
 @dataclass(frozen=True)
-class ContextConfig:
-    n_features: int = 8  # most damaged active features per variant
-    n_contexts: int = 5  # top FP activations shown per feature
-    window: int = 12  # tokens of left context (the same sequence only)
+class ContextConfig(ConfigSection, section="damaged_contexts"):
+    """How many damaged features, contexts per feature and context tokens are shown."""
 
-    def __post_init__(self) -> None:
-        if self.n_features < 0 or self.n_contexts < 1 or self.window < 1:
-            raise ValueError(
-                "inspect.n_features >= 0, inspect.n_contexts >= 1, inspect.window >= 1 required"
-            )
+    n_features: int = FROM_SCHEMA
+    n_contexts: int = FROM_SCHEMA
+    window: int = FROM_SCHEMA
 
 
 def most_damaged(features: pl.DataFrame, n: int) -> pl.DataFrame:

@@ -1,0 +1,69 @@
+"""Result tables as the Snakemake report shows them: an HTML page (the report renders
+only images, PDF and HTML inline) and a CSV to download.
+
+``sae-audit report-table --input T.parquet --out T.html T.csv`` calls ``report_table``
+once per form; the workflow's rule ``report_tables`` (workflow/rules/plots.smk) runs it
+for every table in ``REPORT_TABLES`` (workflow/rules/common.smk).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import polars as pl
+
+
+def report_table(table_path: str | Path, out: str | Path, max_rows: int = 5000) -> None:
+    """A result table as CSV (``out`` ends in .csv) or as a standalone HTML table (.html),
+    the form the Snakemake report shows inline."""
+    table = pl.read_parquet(table_path)
+    # nested columns (lists, structs) have no CSV form: write them as text
+    table = table.with_columns(
+        pl.col(c).map_elements(str, return_dtype=pl.String)
+        for c, dtype in table.schema.items()
+        if dtype.is_nested()
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        table.write_csv(out)
+        return
+    if out.suffix not in (".html", ".htm"):
+        raise ValueError(f"report_table writes .csv or .html, got {out}")
+    shown = table.head(max_rows)
+    note = f"{table.height} rows, {table.width} columns" + (
+        f"; first {max_rows} shown" if table.height > max_rows else ""
+    )
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in shown.columns)
+    body = "\n".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in shown.iter_rows())
+    name = html.escape(Path(table_path).stem)
+    out.write_text(
+        f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{name}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; font-size: 12px; margin: 1em; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; white-space: nowrap; }}
+th {{ background: #f0f0f0; position: sticky; top: 0; }}
+td.s {{ text-align: left; white-space: pre-wrap; max-width: 60em; }}
+tr:nth-child(even) td {{ background: #fafafa; }}
+</style></head>
+<body><h3>{name}</h3><p>{html.escape(note)}</p>
+<table><thead><tr>{head}</tr></thead><tbody>
+{body}
+</tbody></table></body></html>
+""",
+        encoding="utf-8",
+    )
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "<td>—</td>"
+    if isinstance(value, float):
+        return f"<td>{'NaN' if math.isnan(value) else format(value, '.4g')}</td>"
+    if isinstance(value, str):
+        return f'<td class="s">{html.escape(value)}</td>'
+    return f"<td>{html.escape(str(value))}</td>"

@@ -1,0 +1,60 @@
+"""Damaged-feature contexts, on codes written as real shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from sae_audit.damaged_contexts import ContextConfig, damaged_contexts, render_context
+
+from .conftest import write_dense
+
+
+class _CharTokenizer:
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_render_context_marks_token_and_stays_in_sequence():
+    ids = np.arange(20) % 26
+    # token 12 is in the second 10-token sequence: context starts at 10, not 12 - window.
+    text = render_context(ids, 12, seq_len=10, window=5, tokenizer=_CharTokenizer())
+    assert text == "kl⟦m⟧nop"
+
+
+def test_damaged_contexts_picks_most_damaged_and_reads_variant_values(tmp_path):
+    n_tokens, d = 60, 4
+    x = np.zeros((n_tokens, d), dtype=np.float32)
+    x[[5, 17, 33], 2] = [1.0, 3.0, 2.0]  # feature 2's top FP contexts: 17, 33, 5
+    x[::3, 0] = 1.0
+    y = x.copy()
+    y[17, 2] = 0.5
+    fp = write_dense(tmp_path, "fp", x, n_shards=2)
+    var = write_dense(tmp_path, "v", y, n_shards=2)
+    features = pl.DataFrame(
+        {
+            "variant": ["v"] * d,
+            "feature": list(range(d)),
+            "active": [True, False, True, True],
+            "r": [0.99, 0.0, 0.2, 0.95],
+        }
+    )
+    ids = (np.arange(n_tokens) % 26).reshape(3, 20)
+    table = damaged_contexts(
+        features,
+        fp,
+        {"v": var},
+        ids,
+        _CharTokenizer(),
+        ContextConfig(n_features=1, n_contexts=2, window=3),
+    )
+    assert table["feature"].to_list() == [
+        2,
+        2,
+    ]  # lowest r among active features; inactive 1 skipped
+    assert table["token"].to_list() == [17, 33]
+    assert table["fp_value"].to_list() == [3.0, 2.0]
+    assert table["variant_value"].to_list() == [0.5, 2.0]
+    assert (
+        table["context"][0] == "opq⟦r⟧st"
+    )  # 3 tokens of left context, right side cut at the sequence end

@@ -1,0 +1,123 @@
+"""Every table stage, run through the generated CLI on a small real run's shards, no Snakemake.
+
+The shards come from `test_reliability_data.audit` (a tiny GPT-NeoX, a sae-lens
+SAE, fp / rtn-int8 / rtn-int2 encoded by the real `compress` and `encode` stages).
+Each stage is called as its rule calls it, `sae-audit <stage> --flag ...`, so this
+also checks the flags the CLI derives from the stage signatures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from sae_audit import cli
+from sae_audit.files import non_finite_columns
+from sae_audit.shards import encode_hash
+
+from .test_reliability_data import (
+    ENCODE_PARAMS,
+    MODEL_PARAMS,
+    N_SEQ,
+    N_SHARDS,
+    SEQ_LEN,
+    _sae_spec,
+    audit,  # noqa: F401 - the module-scoped fixture
+    codes,
+    nll,
+)
+
+ANALYSIS = {"active_rate": 0.001, "survived": 0.9, "destroyed": 0.5}
+
+
+def run(*argv: str | Path) -> None:
+    assert cli.main([str(a) for a in argv]) == 0
+
+
+@pytest.fixture(scope="module")
+def tables(audit: Path, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("tables")
+    expect = json.dumps(
+        {
+            "model": "tiny",
+            "sae": "res",
+            "config_hash": encode_hash(MODEL_PARAMS, ENCODE_PARAMS, _sae_spec(audit / "sae")),
+            "n_tokens": N_SEQ * SEQ_LEN,
+        }
+    )
+    variants = ("rtn-int8", "rtn-int2")
+    run(
+        "fp-stats",
+        "--expect",
+        expect,
+        "--codes",
+        *codes(audit, "fp"),
+        "--out",
+        out / "fp_stats.parquet",
+    )
+    for v in variants:
+        run("correlate", "--expect", expect, "--fp", *codes(audit, "fp"), "--variant", *codes(audit, v),
+            "--variant-name", v, "--out", out / f"{v}.parquet")  # fmt: skip
+    run("perplexity", "--expect", json.dumps({"model": "tiny"}),
+        "--nll", *[f"{v}={p}" for v in ("fp", *variants) for p in nll(audit, v)],
+        "--out", out / "perplexity.parquet")  # fmt: skip
+    run("survival", "--analysis", json.dumps(ANALYSIS), "--fp-stats", out / "fp_stats.parquet",
+        "--correlation", *[f"{v}={out / f'{v}.parquet'}" for v in variants],
+        "--perplexity", out / "perplexity.parquet", "--features-out", out / "features.parquet",
+        "--summary-out", out / "survival.parquet")  # fmt: skip
+    run("predict", "--predict", json.dumps({"predictors": ["rarity", "log_mean"], "folds": 2, "seed": 0}),
+        "--features", out / "features.parquet", "--out-dir", out)  # fmt: skip
+    run("overlap", "--pairs", json.dumps([list(variants)]), "--features", out / "features.parquet",
+        "--out", out / "overlap.parquet")  # fmt: skip
+    run("stability", "--stability", json.dumps({"token_budgets": [0.5, 1.0], "subsets": 2, "seed": 0}),
+        "--analysis", json.dumps(ANALYSIS), "--seq-len", SEQ_LEN, "--expect", expect,
+        "--fp", *codes(audit, "fp"), "--codes", *[f"{v}={p}" for v in variants for p in codes(audit, v)],
+        "--out", out / "stability.parquet")  # fmt: skip
+    run("threshold-grid", "--threshold-grid", json.dumps({"survived": [0.9, 0.8], "destroyed": [0.5]}),
+        "--features", out / "features.parquet", "--out", out / "threshold_grid.parquet")  # fmt: skip
+    run("damaged-contexts", "--damaged-contexts", json.dumps({"n_features": 2, "n_contexts": 2, "window": 4}),
+        "--expect", expect, "--features", out / "features.parquet", "--fp", *codes(audit, "fp"),
+        "--codes", *[f"{v}={p}" for v in variants for p in codes(audit, v)],
+        "--tokens", *[audit / f"tokens/shard-{i:03d}.parquet" for i in range(N_SHARDS)],
+        "--tokenizer", audit / "model", "--out", out / "damaged_contexts.parquet")  # fmt: skip
+    (out / "reference.csv").write_text("variant,survived_pct,perplexity\nrtn-int8,99.0,60.0\n")
+    run("reference-comparison", "--reference", out / "reference.csv", "--tables-dir", out,
+        "--perplexity", out / "perplexity.parquet", "--out", out / "reference_comparison.parquet")  # fmt: skip
+    return out
+
+
+TABLES = ("fp_stats", "rtn-int8", "rtn-int2", "perplexity", "features", "survival", "predict",
+          "predict_coefficients", "predict_oof", "survival_by_quantile", "overlap", "stability",
+          "threshold_grid", "damaged_contexts", "reference_comparison")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_every_table_is_written_without_nan(tables: Path, name: str):
+    table = pl.read_parquet(tables / f"{name}.parquet")
+    assert table.height > 0 and not non_finite_columns(table)
+
+
+def test_tables_agree_with_each_other(tables: Path):
+    stats = pl.read_parquet(tables / "fp_stats.parquet")
+    survival = {r["variant"]: r for r in pl.read_parquet(tables / "survival.parquet").to_dicts()}
+    assert set(survival) == {"rtn-int8", "rtn-int2"}
+    n_active = int((stats["firing_rate"] > ANALYSIS["active_rate"]).sum())
+    for row in survival.values():
+        assert row["n_active"] == n_active
+        assert row["survived_pct"] + row["blurred_pct"] + row["destroyed_pct"] == pytest.approx(100)
+    # Fewer bits damage at least as much, on average, on the same features.
+    assert survival["rtn-int2"]["mean_r"] <= survival["rtn-int8"]["mean_r"]
+    ppl = pl.read_parquet(tables / "perplexity.parquet")
+    assert ppl.filter(pl.col("variant") == "fp")["dppl_chunked_pct"][0] == 0.0
+    full = pl.read_parquet(tables / "stability.parquet").filter(
+        (pl.col("selection") == "budget") & (pl.col("fraction") == 1.0)
+    )
+    # The full budget reproduces the survival table from the shards.
+    for row in full.to_dicts():
+        assert row["survived_pct"] == pytest.approx(survival[row["variant"]]["survived_pct"])
+    ref = pl.read_parquet(tables / "reference_comparison.parquet")
+    run_pct = ref.filter(pl.col("metric") == "survived_pct")["run"][0]
+    assert run_pct == pytest.approx(survival["rtn-int8"]["survived_pct"])
