@@ -333,14 +333,14 @@ def test_cli_plot(tables, tmp_path):
     # the analysis slice reaches the figures that draw thresholds
     hist = tmp_path / "hist.png"
     args = ["--inputs", str(tables["features"]), "--out", str(hist)]
-    cli_main(["plot", "correlation_histograms", "--params", json.dumps(THRESHOLDS), *args])
+    cli_main(["plot", "correlation_histograms", "--analysis", json.dumps(THRESHOLDS), *args])
     _assert_png(hist)
     with pytest.raises(SystemExit, match="unknown figure '_save'"):
         cli_main(["plot", "_save", "--inputs", "x", "--out", str(out)])
     with pytest.raises(SystemExit, match="reads 2 table"):
         cli_main(["plot", "roc_curves", *args])
     with pytest.raises(SystemExit, match="takes no params"):
-        cli_main(["plot", "stability", "--params", json.dumps(THRESHOLDS), *args])
+        cli_main(["plot", "stability", "--analysis", json.dumps(THRESHOLDS), *args])
 
 
 def test_cli_report_table(tables, tmp_path):
@@ -575,9 +575,9 @@ def test_workflow_has_one_rule_per_registered_figure(tmp_path):
         assert f"    benchmark: results/benchmarks/plots/fixture/res/{name}.tsv\n" in body
         params = shells[name].split(" --inputs ")[0]
         assert params == (
-            """--params '{"active_rate":0.001,"destroyed":0.5,"survived":0.9}'"""
+            """--analysis '{"active_rate":0.001,"destroyed":0.5,"survived":0.9}'"""
             if fig.thresholds
-            else "--params '{}'"
+            else "--analysis '{}'"
         ), name
 
 

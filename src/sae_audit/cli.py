@@ -148,10 +148,10 @@ def _prefetch(a: argparse.Namespace) -> Any:
     lambda p: (
         p.add_argument("figure", help="a figure of the registry (sae_audit.figures)"),
         p.add_argument(
-            "--params",
+            "--analysis",
             type=json.loads,
             default={},
-            help="JSON: the config's analysis slice, for figures that draw the class thresholds",
+            help="JSON: the config's analysis section, for figures that draw the class thresholds",
         ),
         p.add_argument("--inputs", nargs="+", required=True),
         p.add_argument("--out", required=True),
@@ -161,7 +161,7 @@ def _plot(a: argparse.Namespace) -> Any:
     from .figures import FigureCallError, get_figure
 
     try:
-        get_figure(a.figure).draw(*a.inputs, out=a.out, params=a.params)
+        get_figure(a.figure).draw(*a.inputs, out=a.out, params=a.analysis)
     except (KeyError, FigureCallError) as e:
         raise SystemExit(f"sae-audit plot: {e.args[0]}") from None
 

@@ -32,10 +32,19 @@ class EncodeConfig(ConfigSection, section="encode"):
     device: str = FROM_SCHEMA
 
 
+def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL of each target under the logits at its position ([..., vocab] -> [...]).
+
+    The package's one per-token loss: log-softmax in float32 whatever the run dtype.
+    Encode, the matched search and the sliding-window evaluation all score with it.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -logp.gather(-1, targets[..., None]).squeeze(-1)
+
+
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T-1] NLL of tokens 1..T-1 given their prefixes, computed in float32."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    """[B, T-1] NLL of tokens 1..T-1 given their prefixes."""
+    return target_nll(logits[:, :-1], input_ids[:, 1:])
 
 
 def batch_nll(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:

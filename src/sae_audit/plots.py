@@ -4,7 +4,7 @@ Every figure is registered in ``sae_audit.figures`` (its input tables, caption a
 report category) and has the signature ``name(*input_paths, out)``, or
 ``name(*input_paths, out, params=None)`` when it draws the class thresholds (``params``
 is the config's ``analysis`` slice; without it the schema's defaults apply).
-``sae-audit plot NAME [--params JSON] --inputs A [B ...] --out X`` calls it; the workflow
+``sae-audit plot NAME [--analysis JSON] --inputs A [B ...] --out X`` calls it; the workflow
 runs each figure from its own rule plot_NAME (workflow/rules/plots.smk, one loop over
 the registry) and captions it with workflow/report/NAME.rst.
 

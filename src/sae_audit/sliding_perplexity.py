@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from .encode import target_nll
+
 
 def _windows(n: int, span: int, stride: int, has_bos: bool) -> list[tuple[int, int, int]]:
     """(begin, end, first_scored) text positions of each window, HF recipe.
@@ -84,10 +86,9 @@ def sliding_window_nll(
                 targets.append(ids[first:end])
             logits = model(batch.to(device)).logits
             r, c, t = torch.cat(rows), torch.cat(cols), torch.cat(targets)
-            picked = logits[r.to(logits.device), c.to(logits.device)].float()
-            # log-softmax in float32, summed in float64 so long streams lose nothing.
-            logp = torch.log_softmax(picked, dim=-1)
-            nll = -logp.gather(1, t.to(logits.device)[:, None]).squeeze(1)
+            picked = logits[r.to(logits.device), c.to(logits.device)]
+            # float32 per token (target_nll), summed in float64 so long streams lose nothing.
+            nll = target_nll(picked, t.to(logits.device))
             nll_sum += float(nll.double().sum().item())
             n_scored += int(t.numel())
     finally:

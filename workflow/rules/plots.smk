@@ -31,9 +31,9 @@ for fig in FIGURE_REGISTRY.values():
             "../../envs/analysis.yaml"
         params:
             figure=fig.name,
-            cfg=dumps(config["analysis"]) if fig.thresholds else "{}",
+            analysis=dumps(config["analysis"]) if fig.thresholds else "{}",
         shell:
-            "sae-audit plot {params.figure:q} --params {params.cfg:q} "
+            "sae-audit plot {params.figure:q} --analysis {params.analysis:q} "
             "--inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
