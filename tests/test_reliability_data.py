@@ -505,3 +505,34 @@ def test_reference_token_recipe_is_the_raw_wikitext_text(tmp_path: Path, monkeyp
     # The stripped recipe the config used before is a different text: this test can fail.
     stripped = load_documents({**spec, "strip": True, "line_documents": True}, [])
     assert "\n\n".join(stripped) != raw
+
+
+def test_nll_shards_are_checked_like_code_shards(run: Path, tmp_path: Path):
+    """A shard listed twice would count twice; another config's or a missing shard is refused."""
+    out = tmp_path / "p.parquet"
+    twice = {v: nll(run, v) for v in VARIANTS} | {
+        "rtn-int8": [*nll(run, "rtn-int8"), nll(run, "rtn-int8")[0]]
+    }
+    with pytest.raises(InputError, match="token ranges overlap"):
+        stages.perplexity(nll=twice, out=out)
+    expect = {
+        "model": "tiny",
+        "config_hash": encode_hash(MODEL_PARAMS, ENCODE_PARAMS),
+        "n_tokens": N_SEQ * SEQ_LEN,
+    }
+    stages.perplexity(
+        nll={v: nll(run, v) for v in VARIANTS}, expect=expect, out=out
+    )  # as encode wrote them
+    out.unlink()
+    with pytest.raises(InputError, match="config_hash="):
+        stages.perplexity(
+            nll={v: nll(run, v) for v in VARIANTS},
+            out=out,
+            expect={
+                **expect,
+                "config_hash": encode_hash(MODEL_PARAMS, {"batch_size": 8, "device": "cpu"}),
+            },
+        )
+    with pytest.raises(InputError, match="a shard is missing"):
+        stages.perplexity(nll={v: nll(run, v)[:1] for v in VARIANTS}, expect=expect, out=out)
+    assert not out.exists()

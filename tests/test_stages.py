@@ -97,6 +97,7 @@ TABLES = ("fp_stats", "rtn-int8", "rtn-int2", "perplexity", "features", "surviva
 @pytest.mark.parametrize("name", TABLES)
 def test_every_table_is_written_without_nan(tables: Path, name: str):
     table = pl.read_parquet(tables / f"{name}.parquet")
+    # write_parquet refuses NaN, so re-reading checks what reached the disk, column by column
     assert table.height > 0 and not non_finite_columns(table)
 
 
@@ -121,3 +122,32 @@ def test_tables_agree_with_each_other(tables: Path):
     ref = pl.read_parquet(tables / "reference_comparison.parquet")
     run_pct = ref.filter(pl.col("metric") == "survived_pct")["run"][0]
     assert run_pct == pytest.approx(survival["rtn-int8"]["survived_pct"])
+
+
+def test_no_active_feature_gives_null_shares_not_a_crash(tables: Path, tmp_path: Path):
+    """A legal config under which no feature is active: shares are undefined (null)."""
+    from sae_audit import stages
+
+    variants = ("rtn-int8", "rtn-int2")
+    summary = stages.survival(
+        analysis={**ANALYSIS, "active_rate": 0.99},
+        fp_stats=tables / "fp_stats.parquet",
+        correlation={v: str(tables / f"{v}.parquet") for v in variants},
+        perplexity=tables / "perplexity.parquet",
+        features_out=tmp_path / "features.parquet",
+        summary_out=tmp_path / "survival.parquet",
+    )
+    assert summary["n_active"].to_list() == [0, 0]
+    assert summary["survived_pct"].null_count() == 2
+    grid = stages.threshold_grid(
+        threshold_grid={"survived": [0.9], "destroyed": [0.5]},
+        features=tmp_path / "features.parquet",
+        out=tmp_path / "grid.parquet",
+    )
+    assert grid["survived_pct"].null_count() == grid.height == 2
+    predicted = stages.predict(
+        predict={"folds": 2}, features=tmp_path / "features.parquet", out_dir=tmp_path
+    )
+    assert predicted["auc_mean"].null_count() == 2
+    assert all("no active features" in r for r in predicted["reason"])
+    assert pl.read_parquet(tmp_path / "survival_by_quantile.parquet").height == 0

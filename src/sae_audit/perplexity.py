@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from .config import FROM_SCHEMA, ConfigSection, check_perplexity
-from .shards import Expected, read_nll_shard
+from .shards import Expected, check_tiling, read_metadata, read_nll_shard
 
 
 def chunked_perplexity(
@@ -29,10 +29,14 @@ def chunked_perplexity(
     independent of how tokens were split into shards. With ``token_stop``, only
     tokens at positions below it count (a prefix of the token set, as the
     matched-pruning search evaluates). Each shard is checked (`shards.read_nll_shard`):
-    readable, finite, and of `variant` and `expect.model` when given.
+    readable, finite, of `variant` and of `expect`'s model and config hash when given;
+    the shards must not overlap and, with `expect.n_tokens`, must tile the token set.
     """
     if not nll_paths:
         raise ValueError("no NLL shards given")
+    expect = expect or Expected()
+    paths = [Path(p) for p in nll_paths]
+    check_tiling(paths, [read_metadata(p) for p in paths], expect.n_tokens)
     total = 0.0
     count = 0
     for path in nll_paths:

@@ -251,6 +251,8 @@ def predict_tables(by_variant: dict[str, pl.DataFrame], cfg: PredictConfig) -> P
                     "marginal_auc_best": res["marginal_auc_best"].get(name),
                 }
             )
+            if res["n"] == 0:
+                continue  # no active feature: no quantile bins (the summary says why)
             for q in (4, 10):
                 quantiles.append(
                     survival_by_quantile(table, name, q).with_columns(
@@ -270,7 +272,11 @@ def predict_tables(by_variant: dict[str, pl.DataFrame], cfg: PredictConfig) -> P
                 }
             )
         )
-    by_q = pl.concat(quantiles, how="vertical_relaxed")
+    by_q = (
+        pl.concat(quantiles, how="vertical_relaxed")
+        if quantiles
+        else pl.DataFrame(schema=_QUANTILE_SCHEMA)
+    )
     return PredictTables(
         summary=pl.DataFrame(
             rows,
@@ -291,3 +297,7 @@ def predict_tables(by_variant: dict[str, pl.DataFrame], cfg: PredictConfig) -> P
 
 
 _SUMMARY = ("n", "n_survived", "auc_mean", "auc_sd", "intercept", "reason")
+_QUANTILE_SCHEMA = {
+    "variant": pl.String, "predictor": pl.String, "q": pl.Int32, "bin": pl.Int64, "n": pl.UInt32,
+    "predictor_min": pl.Float64, "predictor_max": pl.Float64, "survived_frac": pl.Float64,
+}  # fmt: skip

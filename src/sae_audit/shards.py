@@ -354,6 +354,15 @@ def code_set_metadata(
         values = {getattr(m, attr) for m in metas}
         if len(values) != 1:
             raise InputError(f"shards disagree on {attr}: {sorted(map(str, values))} in {paths}")
+    check_tiling(paths, metas, expect.n_tokens)
+    return metas
+
+
+def check_tiling(
+    paths: Sequence[Path], metas: Sequence[ShardMetadata], n_tokens: int | None
+) -> None:
+    """Shards' token ranges must not overlap (a shard listed twice would count twice) and,
+    with `n_tokens`, must tile the token set [0, n_tokens) exactly."""
     ordered = sorted(zip(metas, paths, strict=True), key=lambda mp: mp[0].token_start)
     for m, p in ordered:
         if m.token_stop <= m.token_start:
@@ -366,16 +375,15 @@ def code_set_metadata(
                 f"token ranges overlap: {prev_path} [{prev.token_start}, {prev.token_stop}) "
                 f"and {cur_path} [{cur.token_start}, {cur.token_stop})"
             )
-    if expect.n_tokens is not None:
+    if n_tokens is not None:
         covered = sum(m.n_tokens for m in metas)
         first = ordered[0][0].token_start
-        if first != 0 or covered != expect.n_tokens or ordered[-1][0].token_stop != covered:
+        if first != 0 or covered != n_tokens or ordered[-1][0].token_stop != covered:
             raise InputError(
-                f"shards {paths} cover {covered} tokens from {first}, but the token set has "
-                f"{expect.n_tokens} from 0 (a shard is missing or from another token set); "
-                f"{rerun_hint('encode')}"
+                f"shards {[str(p) for p in paths]} cover {covered} tokens from {first}, but "
+                f"the token set has {n_tokens} from 0 (a shard is missing or from another "
+                f"token set); {rerun_hint('encode')}"
             )
-    return metas
 
 
 def pair_shards(
@@ -450,7 +458,11 @@ def read_nll_shard(
     """(token positions, float64 NLL) of an NLL shard, checked: provenance and finite values."""
     path = Path(path)
     meta = read_metadata(path)
-    check_provenance(path, meta, variant, Expected(model=(expect or Expected()).model))
+    expect = expect or Expected()
+    # An NLL shard has no SAE: model, variant and encode's config hash (model, encode).
+    check_provenance(
+        path, meta, variant, Expected(model=expect.model, config_hash=expect.config_hash)
+    )
     try:
         table = pq.read_table(path, columns=["token", "nll"])
     except (OSError, pa.ArrowException) as e:

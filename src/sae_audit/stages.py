@@ -207,7 +207,7 @@ def match_sparsity(
     cfg = section(MatchedConfig, matched, target=target)
     device = resolve_device(enc.device)
     ids = load_token_ids(tokens)
-    n_seq = cfg.n_sequences or len(ids)
+    n_seq = min(cfg.n_sequences or len(ids), len(ids))  # the search's prefix of the token set
     ids = ids[:n_seq]
     target_ppl = chunked_perplexity(
         [Path(p) for p in target_nll],
@@ -330,7 +330,7 @@ def sliding_perplexity(
     enc = section(EncodeConfig, encode)
     device = resolve_device(enc.device)
     ids = load_token_ids(tokens)
-    bos_id = load_tokenizer(tokenizer).bos_token_id
+    bos_id = load_tokenizer(tokenizer, revision=spec.revision).bos_token_id
     if bos and bos_id is not None:
         ids = ids[:, 1:]
     stream = torch.from_numpy(ids.reshape(-1))

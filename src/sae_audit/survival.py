@@ -80,11 +80,13 @@ def feature_table(
 
 
 def class_fractions(cls: pl.Expr) -> list[pl.Expr]:
+    """Counts and % of active features per class; with no active feature the % are
+    undefined (null, not NaN)."""
     n = pl.len()
     return [
         n.alias("n_active"),
         *[(cls == c).sum().alias(f"n_{c}") for c in CLASSES],
-        *[(100.0 * (cls == c).sum() / n).alias(f"{c}_pct") for c in CLASSES],
+        *[pl.when(n > 0).then(100.0 * (cls == c).sum() / n).alias(f"{c}_pct") for c in CLASSES],
     ]
 
 

@@ -113,15 +113,18 @@ def code_files(model, variant, sae):
 
 
 def shard_expectation(model, sae=None):
-    """What readers check every shard's metadata against (sae_audit.shards.Expected):
-    the model, and for code shards the SAE, encode's config hash and the token count."""
-    expect = {"model": model}
+    """What readers check every shard's metadata against (sae_audit.shards.Expected): the
+    model, encode's config hash and the token count; for code shards also the SAE (whose
+    spec is part of their hash). Without `sae`: the expectation of the NLL shards."""
+    m = model_cfg(model)
+    expect = {
+        "model": model,
+        "config_hash": encode_hash(m["model"], config["encode"]),
+        "n_tokens": m["tokens"]["n_sequences"] * m["tokens"]["seq_len"],
+    }
     if sae is not None:
-        m = model_cfg(model)
         expect.update(
-            sae=sae,
-            config_hash=encode_hash(m["model"], config["encode"], m["saes"][sae]),
-            n_tokens=m["tokens"]["n_sequences"] * m["tokens"]["seq_len"],
+            sae=sae, config_hash=encode_hash(m["model"], config["encode"], m["saes"][sae])
         )
     return dumps(expect)
 

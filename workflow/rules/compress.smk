@@ -19,7 +19,11 @@ rule compress:
         runtime=model_runtime,
     params:
         base=base_model,
-        model=lambda w: dumps(model_cfg(w.model)["model"]),
+        # compress reads the base in float32 whatever the run dtype: dtype and attention
+        # are not its slice (changing them must not re-run every checkpoint)
+        model=lambda w: dumps(
+            {k: model_cfg(w.model)["model"][k] for k in ("source", "revision")}
+        ),
     shell:
         "sae-audit compress --model {params.model:q} --base {params.base:q} --variant {wildcards.variant:q} "
         "--matched {input.matched:q} --out {output:q} > {log:q} 2>&1"
