@@ -345,7 +345,7 @@ def test_cli_plot(tables, tmp_path):
 
 def test_cli_report_table(tables, tmp_path):
     page, csv = tmp_path / "s.html", tmp_path / "s.csv"
-    cli_main(["report-table", "--input", str(tables["survival"]), "--out", str(page), str(csv)])
+    cli_main(["report-tables", "--input", str(tables["survival"]), "--out", str(page), str(csv)])
     assert "<table>" in page.read_text() and pl.read_csv(csv).height > 0
 
 

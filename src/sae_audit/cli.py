@@ -167,7 +167,7 @@ def _plot(a: argparse.Namespace) -> Any:
 
 
 @command(
-    "report-table",
+    "report-tables",
     lambda p: (
         p.add_argument("--input", required=True, help="a result table (parquet)"),
         p.add_argument("--out", nargs="+", required=True, help="its forms: .html and/or .csv"),

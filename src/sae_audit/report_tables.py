@@ -1,7 +1,7 @@
 """Result tables as the Snakemake report shows them: an HTML page (the report renders
 only images, PDF and HTML inline) and a CSV to download.
 
-``sae-audit report-table --input T.parquet --out T.html T.csv`` calls ``report_table``
+``sae-audit report-tables --input T.parquet --out T.html T.csv`` calls ``report_table``
 once per form; the workflow's rule ``report_tables`` (workflow/rules/plots.smk) runs it
 for every table in ``REPORT_TABLES`` (workflow/rules/common.smk).
 """

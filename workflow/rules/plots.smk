@@ -68,4 +68,4 @@ rule report_tables:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "sae-audit report-table --input {input:q} --out {output.html:q} {output.csv:q} > {log:q} 2>&1"
+        "sae-audit report-tables --input {input:q} --out {output.html:q} {output.csv:q} > {log:q} 2>&1"
