@@ -74,9 +74,13 @@ def test_every_rule_command_parses_with_the_generated_flags(tmp_path):
     parser: no flag a stage lacks, none it needs missing, list/pairs/JSON kinds right."""
     import shlex
 
-    from .conftest import TEST_CONFIG, snakemake
+    from .conftest import edited_config, snakemake
 
-    proc = snakemake(tmp_path, TEST_CONFIG, "-n", "-p")
+    def shipped(cfg):  # shipped formats plan the calibration and their compress flags too
+        cfg["compression"]["llmcompressor"] = {"w4": {"scheme": "W4A16", "method": "gptq"}}
+        cfg["compression"]["gguf"] = {"q8_0": {"type": "Q8_0"}}
+
+    proc = snakemake(tmp_path, edited_config(tmp_path, "shipped", shipped), "-n", "-p")
     commands = [
         line.split("Shell command:", 1)[1].strip()
         for line in (proc.stdout + proc.stderr).splitlines()

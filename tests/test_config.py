@@ -87,6 +87,41 @@ UNREAD = {
     "compression.prune.sparsities",
     "compression.prune.matched.targets",  # one MatchedConfig per target
     "stability.null_run",  # config.variant_names: adds the fp-null variant
+    # the calibration set has the token set's keys: tokenize_calibration reads it with
+    # TokenSetConfig / DocumentSpec (from_dict on the validated dict, its own defaults)
+    *(
+        f"models.*.calibration.{k}"
+        for k in (
+            "source",
+            "paths",
+            "dataset.path",
+            "dataset.name",
+            "dataset.split",
+            "dataset.revision",
+            "text_column",
+            "line_documents",
+            "strip",
+            "drop_empty",
+            "join",
+            "seq_len",
+            "n_sequences",
+            "n_shards",
+            "add_special_tokens",
+            "bos",
+        )
+    ),
+    "compression.rtn.full_range",  # in the variant name (rtn-int<b>-full)
+    # shipped formats: each entry is passed whole to its compress job (config.shipped_entry)
+    # and read there (shipped.build_recipe, checkpoints.write_shipped); config checks them
+    "compression.llmcompressor.*.scheme",
+    "compression.llmcompressor.*.method",
+    "compression.llmcompressor.*.group_size",
+    "compression.llmcompressor.*.kv_cache",
+    "compression.llmcompressor.*.smoothing_strength",
+    "compression.gguf.*.type",
+    "compression.external.*.source",
+    "compression.external.*.format",
+    "compression.external.*.bits",
 }
 
 

@@ -17,7 +17,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 # Dependencies only the model-side rules need (envs/torch.yaml): the analysis env omits them.
-MODEL_ONLY = {"torch", "sae-lens", "safetensors", "snakemake"}
+MODEL_ONLY = {
+    "torch",
+    "sae-lens",
+    "safetensors",
+    "snakemake",
+    "llmcompressor",
+    "compressed-tensors",
+    "gguf",
+    "datasets",
+}
 # Which pyproject dependencies each env lists: all, or all less MODEL_ONLY.
 ENVS = {"torch.yaml": set(), "analysis.yaml": MODEL_ONLY}
 
@@ -65,7 +74,14 @@ def test_analysis_env_lacks_torch():
 
 # Rules that load a model, an SAE or a checkpoint (torch); every other rule with an env
 # is a table or plot rule and runs in envs/analysis.yaml.
-MODEL_RULES = {"tokenize", "compress", "match_sparsity", "encode", "sliding_perplexity"}
+MODEL_RULES = {
+    "tokenize",
+    "tokenize_calibration",
+    "compress",
+    "match_sparsity",
+    "encode",
+    "sliding_perplexity",
+}
 
 
 def _rule_envs() -> dict[str, str]:

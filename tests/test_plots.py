@@ -8,12 +8,14 @@ import inspect
 import json
 import math
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
+from sae_audit import config as audit_config
 from sae_audit import plots, report_tables
 from sae_audit.cli import main as cli_main
 from sae_audit.figures import FIGURE_REGISTRY, FigureCallError, figure_names, get_figure
@@ -254,6 +256,22 @@ def _threshold_grid(features: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def _equal_bits() -> pl.DataFrame:
+    """A summary row and one saved feature's context row, in the stage's schema."""
+    from sae_audit.equal_bits import SCHEMA
+
+    pair = {"rtn_variant": "rtn-int4", "shipped_variant": "lc-gptq-w4a16", "bits": 4}
+    rows = [
+        {**pair, "direction": "summary", "n_active": 45, "n_destroyed_rtn": 5,
+         "n_destroyed_shipped": 3, "n_saved": 3, "n_lost": 1, "jaccard_destroyed": 0.4},
+        {**pair, "direction": "saved_by_shipped", "rank": 1, "feature": 3, "firing_rate": 0.01,
+         "r_rtn": 0.1, "r_shipped": 0.95, "class_rtn": "destroyed", "class_shipped": "survived",
+         "context_rank": 1, "token": 10, "context": "the ⟦cat⟧ sat", "fp_value": 2.0,
+         "rtn_value": 0.0, "shipped_value": 1.9},
+    ]  # fmt: skip
+    return pl.DataFrame(rows, schema=SCHEMA)
+
+
 def _damaged_contexts() -> pl.DataFrame:
     return pl.DataFrame(
         {
@@ -289,6 +307,7 @@ def tables(tmp_path_factory) -> dict[str, Path]:
         "stability": _stability(),
         "threshold_grid": _threshold_grid(features),
         "damaged_contexts": _damaged_contexts(),
+        "equal_bits": _equal_bits(),
     }
     paths = {}
     for name, frame in frames.items():
@@ -515,8 +534,9 @@ def test_every_figure_has_function_and_caption():
         assert callable(fn) and not fig.function.startswith("_"), f"plots.{fig.function} missing"
         assert fig.load() is fn
         params = list(inspect.signature(fn).parameters.values())
-        # (*inputs, out) or (*inputs, out, params=None) for the figures that draw thresholds
-        tail = ["out", "params"] if fig.thresholds else ["out"]
+        # (*inputs, out, variants=None), with params=None before variants for the figures
+        # that draw thresholds
+        tail = ["out", "params", "variants"] if fig.thresholds else ["out", "variants"]
         assert [p.name for p in params[-len(tail) :]] == tail, f"plots.{name}: {params}"
         assert len(params) == len(fig.inputs) + len(tail), f"plots.{name} inputs vs registry"
         assert fig.caption == f"{name}.rst"
@@ -565,6 +585,9 @@ def test_workflow_has_one_rule_per_registered_figure(tmp_path):
     assert figures == set(FIGURE_REGISTRY)
     assert set(jobs) == {f"plot_{n}" for n in FIGURE_REGISTRY}
     shells = dict(re.findall(r"^Shell command: sae-audit plot (\w+) (.*)$", text, flags=re.M))
+    # every figure gets the config's weight bits per variant
+    bits = audit_config.variant_bits(audit_config.load(TEST_CONFIG))
+    variants = shlex.quote(json.dumps(bits, sort_keys=True, separators=(",", ":")))
     for name, fig in FIGURE_REGISTRY.items():
         body = jobs[f"plot_{name}"]
         inputs = ", ".join(f"results/tables/{t}" for t in fig.inputs).format(
@@ -574,10 +597,14 @@ def test_workflow_has_one_rule_per_registered_figure(tmp_path):
         assert f"    log: results/logs/plots/fixture/res/{name}.log\n" in body
         assert f"    benchmark: results/benchmarks/plots/fixture/res/{name}.tsv\n" in body
         params = shells[name].split(" --inputs ")[0]
-        assert params == (
-            """--analysis '{"active_rate":0.001,"destroyed":0.5,"survived":0.9}'"""
-            if fig.thresholds
-            else "--analysis '{}'"
+        assert (
+            params
+            == (
+                """--analysis '{"active_rate":0.001,"destroyed":0.5,"survived":0.9}'"""
+                if fig.thresholds
+                else "--analysis '{}'"
+            )
+            + f" --variants {variants}"
         ), name
 
 
@@ -609,6 +636,162 @@ def test_variant_order_and_palette():
     assert all(
         len(c) == 3 and all(0 <= x <= 1 and not math.isnan(x) for x in c) for c in colors.values()
     )
+
+
+# ---------------------------------------------------------------- shipped formats beside RTN
+# About what a study with shipped formats draws: 16 variants, bits as config.variant_bits gives.
+SHIPPED_BITS: dict[str, int | None] = {
+    **{f"rtn-int{b}": b for b in (8, 7, 6, 5, 4, 3, 2)},
+    "lc-gptq-w4a16": 4, "lc-w8a8-int8": 8, "lc-fp8-dynamic": 8, "lc-kv-fp8": None,
+    "gguf-q8_0": 8, "gguf-q4_0": 4,
+    "prune-matched-rtn-int6": None, "prune-matched-rtn-int4": None, "fp-null": None,
+}  # fmt: skip
+SHIPPED_ORDER = [
+    "rtn-int8", "lc-fp8-dynamic", "lc-w8a8-int8", "gguf-q8_0", "rtn-int7", "rtn-int6",
+    "rtn-int5", "rtn-int4", "lc-gptq-w4a16", "gguf-q4_0", "rtn-int3", "rtn-int2",
+    "prune-matched-rtn-int6", "prune-matched-rtn-int4", "lc-kv-fp8", "fp-null",
+]  # fmt: skip
+
+
+def _shipped_survived(v: str) -> float:
+    bits = SHIPPED_BITS[v]
+    base = 100.0 if bits is None else min(100.0, 20.0 * (bits - 1))
+    return base if v.startswith("rtn-") or bits is None else min(100.0, base + 7.0)
+
+
+@pytest.fixture(scope="module")
+def shipped_tables(tmp_path_factory) -> dict[str, Path]:
+    """Survival and perplexity tables of the 16 variants of SHIPPED_BITS, FP in perplexity."""
+    out = tmp_path_factory.mktemp("shipped")
+    names = list(SHIPPED_BITS)
+    survived = [_shipped_survived(v) for v in names]
+    dppl = [0.0 if b is None else 2.0 ** (8 - b) - 1 for b in SHIPPED_BITS.values()]
+    perplexity = pl.DataFrame(
+        {
+            "variant": ["fp", *names],
+            "n_tokens": 6144,
+            "ppl_chunked": [30.0] + [30 * (1 + d / 100) for d in dppl],
+            "ppl_sliding": [28.0] + [28 * (1 + d / 100) for d in dppl],
+            "n_tokens_sliding": 6000,
+            "dppl_chunked_pct": [0.0, *dppl],
+            "dppl_sliding_pct": [0.0] + [0.9 * d for d in dppl],
+        }
+    )
+    survival = pl.DataFrame(
+        {
+            "variant": names,
+            "n_active": 100,
+            "survived_pct": survived,
+            "blurred_pct": [(100 - s) / 2 for s in survived],
+            "destroyed_pct": [(100 - s) / 2 for s in survived],
+            "mean_r": [s / 100 for s in survived],
+        }
+    ).join(perplexity.drop("n_tokens"), on="variant", how="left")
+    paths = {"survival": out / "survival.parquet", "perplexity": out / "perplexity.parquet"}
+    survival.write_parquet(paths["survival"])
+    perplexity.write_parquet(paths["perplexity"])
+    return paths
+
+
+def test_shipped_variants_follow_the_rtn_variant_of_their_bits():
+    shuffled = sorted(SHIPPED_BITS, key=lambda n: hash(n) % 97)
+    order = plots._variant_order(shuffled, SHIPPED_BITS)
+    assert order == SHIPPED_ORDER
+    at = order.index
+    assert at("rtn-int4") < at("lc-gptq-w4a16") < at("rtn-int3")
+    assert at("lc-gptq-w4a16") == at("rtn-int4") + 1
+    # without the config's bits a shipped name carries none: it goes after the RTN curve
+    bare = plots._variant_order(["rtn-int3", "lc-gptq-w4a16", "rtn-int4"])
+    assert bare == ["rtn-int4", "rtn-int3", "lc-gptq-w4a16"]
+    # one hue family per kind: the llm-compressor variants share the purple ramp
+    colors = plots._palette(order, SHIPPED_BITS)
+    purples = [colors[v] for v in order if v.startswith("lc-")]
+    assert all(c[2] > c[1] for c in purples)  # more blue than green: purple
+    assert {plots._kind(v) for v in order} >= {"RTN", "llm-compressor", "GGUF"}
+
+
+def test_class_fractions_vs_bits_draws_shipped_at_their_bits(shipped_tables, tmp_path, monkeypatch):
+    rows = plots._bits_rows(pl.read_parquet(shipped_tables["survival"]), SHIPPED_BITS)
+    by_variant = {r["variant"]: r for r in rows.iter_rows(named=True)}
+    assert by_variant["lc-gptq-w4a16"]["bits"] == 4
+    assert by_variant["lc-gptq-w4a16"]["kind"] == "llm-compressor"
+    assert by_variant["gguf-q8_0"]["bits"] == 8 and by_variant["lc-kv-fp8"]["bits"] is None
+    assert not {"fp-null", "prune-matched-rtn-int4"} & set(by_variant)  # no weight bits
+    captured = _spy_save(monkeypatch)
+    plots.class_fractions_vs_bits(
+        shipped_tables["survival"], out=tmp_path / "c.png", variants=SHIPPED_BITS
+    )
+    _assert_png(tmp_path / "c.png")
+    (ax,) = captured["c"][1]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    drawn = [v for v in SHIPPED_ORDER if v in by_variant]
+    assert ticks == drawn  # one bar per variant, the shipped ones beside RTN
+    x = dict(zip(ticks, ax.get_xticks(), strict=True))
+    groups = {t.get_text(): t.get_position()[0] for t in ax.texts if t.get_text().endswith("bits")}
+    groups |= {t.get_text(): t.get_position()[0] for t in ax.texts if t.get_text().endswith("-bit")}
+    assert set(groups) == {
+        "8-bit",
+        "7-bit",
+        "6-bit",
+        "5-bit",
+        "4-bit",
+        "3-bit",
+        "2-bit",
+        "no weight bits",
+    }
+    # the 4-bit group: rtn-int4, lc-gptq-w4a16, gguf-q4_0, adjacent, labelled at their center
+    assert x["lc-gptq-w4a16"] - x["rtn-int4"] == pytest.approx(1.0)
+    assert x["gguf-q4_0"] - x["lc-gptq-w4a16"] == pytest.approx(1.0)
+    assert groups["4-bit"] == pytest.approx(x["lc-gptq-w4a16"])
+    assert x["rtn-int3"] - x["gguf-q4_0"] > 1.0  # a gap before the next bit-width
+    # the lc-gptq-w4a16 bar: its survived share, hatched as llm-compressor
+    survived_bars = ax.containers[0]
+    bar = survived_bars[ticks.index("lc-gptq-w4a16")]
+    assert bar.get_height() == pytest.approx(_shipped_survived("lc-gptq-w4a16"))
+    assert bar.get_hatch() == plots.KIND_HATCH["llm-compressor"]
+    assert not survived_bars[ticks.index("rtn-int4")].get_hatch()
+
+
+def test_perplexity_vs_bits_marks_shipped_beside_rtn(shipped_tables, tmp_path, monkeypatch):
+    captured = _spy_save(monkeypatch)
+    plots.perplexity_vs_bits(
+        shipped_tables["perplexity"], out=tmp_path / "p.png", variants=SHIPPED_BITS
+    )
+    _assert_png(tmp_path / "p.png")
+    (ax,) = captured["p"][1]
+    named = {t.get_text(): t.xy for t in ax.texts if hasattr(t, "xy")}
+    shipped = [v for v in SHIPPED_ORDER if not v.startswith(("rtn-", "prune-", "fp-"))]
+    assert set(named) == set(shipped)  # every shipped format named, no RTN label
+    for v in shipped:
+        bits = SHIPPED_BITS[v]
+        x, y = named[v]
+        if bits is None:
+            assert x == pytest.approx(1.0)  # one step past the fewest bits (2)
+        else:
+            assert bits - 0.5 < x < bits  # just beside the RTN point of its bits
+            expected = 2.0 ** (8 - bits) - 1
+            assert y == pytest.approx(expected)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["8", "7", "6", "5", "4", "3", "2", "no weight\nbits"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"RTN", "llm-compressor", "GGUF", "chunked perplexity"} <= set(legend)
+
+
+def test_cli_plot_passes_the_variant_bits(shipped_tables, tmp_path, monkeypatch):
+    """`sae-audit plot --variants JSON`, as the rules call it: the bits reach the figure."""
+    captured = _spy_save(monkeypatch)
+    for name in ("class_fractions_vs_bits", "perplexity_vs_damage"):
+        out = tmp_path / f"{name}.png"
+        inputs = [str(shipped_tables["survival"])]
+        argv = ["plot", name, "--variants", json.dumps(SHIPPED_BITS), "--inputs", *inputs]
+        assert cli_main([*argv, "--out", str(out)]) == 0
+        _assert_png(out)
+    (ax,) = captured["class_fractions_vs_bits"][1]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks.index("lc-gptq-w4a16") == ticks.index("rtn-int4") + 1
+    (ax,) = captured["perplexity_vs_damage"][1]
+    kinds = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"llm-compressor", "GGUF"} <= set(kinds)
 
 
 def test_report_tables_cover_configured(tables, tmp_path):

@@ -380,3 +380,69 @@ def test_shipped_configs_still_validate(workdir: Path) -> None:
     for path in (ROOT / "config" / "config.yaml", TEST_CONFIG, PAPER):
         audit_config.load(path)
     assert not os.listdir(workdir)
+
+
+# ---------------------------------------------------------------- shipped formats (issue 10)
+@pytest.mark.parametrize(
+    ("entry", "fragments"),
+    [
+        (
+            {"kv_cache": "fp8", "method": "gptq"},
+            ["compression.llmcompressor.bad.method", "scheme is null"],
+        ),
+        (
+            {"scheme": "W8A8", "method": "awq"},
+            ["compression.llmcompressor.bad.method", "weight-only"],
+        ),
+        ({"scheme": "W4A16", "method": "smoothquant+gptq"}, ["SmoothQuant", "weight-only"]),
+        ({"method": "gptq"}, ["compression.llmcompressor.bad", "scheme"]),
+        ({"scheme": "W3A16"}, ["compression.llmcompressor.bad.scheme", "W4A16"]),
+    ],
+)
+def test_llmcompressor_entries(workdir: Path, entry: dict, fragments: list[str]) -> None:
+    cfg = base_config()
+    cfg["compression"]["llmcompressor"] = {"bad": entry}
+    fails(cfg, workdir, *fragments)
+
+
+def test_calibrating_on_the_evaluation_files_fails_at_startup(workdir: Path) -> None:
+    (workdir / "eval.txt").write_text("some text\n")
+    cfg = base_config()
+    model = next(iter(cfg["models"].values()))
+    model["tokens"] = {"source": "text", "paths": ["eval.txt"], "seq_len": 8, "n_sequences": 2}
+    model["calibration"] = {"source": "text", "paths": ["eval.txt"]}
+    cfg["compression"]["llmcompressor"] = {"w8": {"scheme": "W8A16"}}
+    fails(cfg, workdir, "models.", ".calibration", "same data", "evaluation")
+
+
+def test_external_artifact_of_another_model_fails_at_startup(workdir: Path) -> None:
+    import torch
+
+    from sae_audit.gguf_checkpoint import write_gguf
+    from sae_audit.models import load_model
+    from tests.conftest import save_tiny_model
+
+    other = save_tiny_model("gpt_neox", workdir / "other", layers=5)
+    write_gguf(load_model(other), "Q8_0", workdir / "other.gguf")
+    del torch
+    cfg = base_config()
+    cfg["compression"]["external"] = {"prod": {"source": "other.gguf"}}
+    message = fails(cfg, workdir, "compression.external.prod.source", "other.gguf")
+    assert "num_hidden_layers 5 != base model's" in message and "fixture" in message
+    cfg["compression"]["external"] = {"prod": {"source": "missing.gguf"}}
+    fails(cfg, workdir, "compression.external.prod.source", "no such file")
+
+
+def test_shipped_variant_names_reach_the_dag(tmp_path: Path) -> None:
+    """lc-, gguf- variants (underscores included) plan compress, encode and calibration jobs."""
+    from .conftest import planned_jobs
+
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["compression"]["llmcompressor"] = {"w8": {"scheme": "W8A16"}}
+        cfg["compression"]["gguf"] = {"q8_0": {"type": "Q8_0"}}
+
+    proc = snakemake(tmp_path, edited_config(tmp_path, "ship", edit), "-n")
+    jobs = planned_jobs(proc)
+    assert jobs["tokenize_calibration"] == 1
+    out = proc.stdout + proc.stderr
+    assert "checkpoints/" in out and "lc-w8" in out and "gguf-q8_0" in out

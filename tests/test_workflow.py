@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,49 @@ def test_a_killed_run_resumes_with_only_the_unfinished_jobs(finished_run: Path, 
     assert jobs.get("compress", 0) <= 1
     snakemake(work, config, "--rerun-incomplete")  # the same command, resumed
     assert planned_jobs(snakemake(work, config, "-n")) == {}
+
+
+SHIPPED = {
+    "llmcompressor": {
+        "gptq-w4": {"scheme": "W4A16", "method": "gptq", "group_size": 32},
+        "kv-int8": {"kv_cache": "int8"},
+    },
+    "gguf": {"q4_0": {"type": "Q4_0"}},
+}
+
+
+@pytest.mark.slow
+def test_shipped_formats_flow_through_the_workflow(finished_run: Path, tmp_path: Path):
+    """llm-compressor and GGUF variants run beside RTN: only their own jobs are added,
+    they reach every table, and editing one entry re-makes that variant alone."""
+    import shutil
+
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work, symlinks=True)
+    config = edited_config(tmp_path, "shipped", lambda c: c["compression"].update(SHIPPED))
+    jobs = planned_jobs(snakemake(work, config, "-n"))
+    assert jobs["compress"] == 3 and jobs["encode"] == 2 * 3
+    assert jobs["tokenize_calibration"] == 1
+    assert "tokenize" not in jobs and "fixture_model" not in jobs
+    snakemake(work, config)
+    results = work / "results"
+    shipped = {"lc-gptq-w4", "lc-kv-int8", "gguf-q4_0"}
+    survival = pl.read_parquet(results / "tables/fixture/res/survival.parquet")
+    assert shipped <= set(survival["variant"])
+    ppl = pl.read_parquet(results / "tables/fixture/perplexity.parquet")
+    assert shipped <= set(ppl["variant"])
+    fp_ppl = ppl.filter(pl.col("variant") == "fp")["ppl_chunked"][0]
+    for variant in shipped:  # each changes the model, none breaks it
+        row = ppl.filter(pl.col("variant") == variant).to_dicts()[0]
+        assert row["ppl_chunked"] != fp_ppl and row["ppl_chunked"] < 2 * fp_ppl, variant
+    overlap = pl.read_parquet(results / "tables/fixture/res/overlap.parquet")
+    pairs = set(zip(overlap["variant_a"], overlap["variant_b"], strict=True))
+    assert {("rtn-int4", "lc-gptq-w4"), ("rtn-int4", "gguf-q4_0")} <= pairs
+    assert (results / "calibration/fixture/tokens.parquet").is_file()
+    # Editing one entry re-makes that variant and what reads it, nothing else.
+    regrouped = copy.deepcopy(SHIPPED)
+    regrouped["llmcompressor"]["gptq-w4"]["group_size"] = 16
+    edited = edited_config(tmp_path, "edited", lambda c: c["compression"].update(regrouped))
+    jobs = planned_jobs(snakemake(work, edited, "-n"))
+    assert jobs["compress"] == 1 and jobs["encode"] == 2
+    assert "tokenize_calibration" not in jobs

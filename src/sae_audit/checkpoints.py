@@ -31,11 +31,17 @@ from .variants import Variant, parse_variant
 
 MANIFEST = "manifest.json"
 TENSORS = "compressed.safetensors"
+GGUF_FILE = "model.gguf"
 
 
 def rtn_spec(variant: Variant) -> RTNSpec:
     assert variant.bits is not None
-    return RTNSpec(bits=variant.bits, symmetric=variant.symmetric, group_size=variant.group_size)
+    return RTNSpec(
+        bits=variant.bits,
+        symmetric=variant.symmetric,
+        group_size=variant.group_size,
+        full_range=variant.full_range,
+    )
 
 
 def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -113,24 +119,78 @@ def write_checkpoint(
     revision: str | None = None,
     sparsity: float | None = None,
     extra: dict[str, Any] | None = None,
+    entry: dict[str, Any] | None = None,
+    calibration: np.ndarray | None = None,
 ) -> Path:
-    """Compress the base model (loaded in float32) and write the checkpoint directory atomically."""
+    """Compress the base model (loaded in float32) and write the checkpoint directory atomically.
+
+    Shipped formats take their config `entry` (compression.<section>.<key>); llm-compressor
+    variants also the calibration token ids.
+    """
     variant = parse_variant(variant_name)
     out_dir = Path(out_dir)
     model = load_model(base, dtype="float32", revision=revision)
-    payload, method = compress_state(model, variant, sparsity=sparsity)
     manifest = {
         **base_record(base, out_dir),
         "revision": revision,
         "variant": variant.name,
-        "method": method,
         "n_compressed_matrices": sum(1 for _ in target_weights(model)),
         **(extra or {}),
     }
     with atomic_path(out_dir, directory=True) as tmp:
-        save_file(payload, tmp / TENSORS)
+        if variant.shipped:
+            if entry is None:
+                raise ValueError(f"variant {variant.name!r} needs its config entry")
+            method = write_shipped(model, str(base), variant, entry, calibration, tmp, revision)
+        else:
+            payload, method = compress_state(model, variant, sparsity=sparsity)
+            save_file(payload, tmp / TENSORS)
+        manifest["method"] = method
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return out_dir
+
+
+def write_shipped(
+    model: nn.Module,
+    base: str,
+    variant: Variant,
+    entry: dict[str, Any],
+    calibration: np.ndarray | None,
+    tmp: Path,
+    revision: str | None,
+) -> dict[str, Any]:
+    """What a shipped-format variant's checkpoint holds besides its manifest; the method record."""
+    if variant.kind == "llmcompressor":
+        from .shipped import make_llmcompressor_variant
+
+        if calibration is None:
+            raise ValueError(f"variant {variant.name!r} needs calibration tokens")
+        return make_llmcompressor_variant(base, entry, calibration, tmp, revision=revision)
+    if variant.kind == "gguf":
+        from .gguf_checkpoint import write_gguf
+
+        info = write_gguf(model, entry["type"], tmp / GGUF_FILE)
+        return {"kind": "gguf", "type": entry["type"], "file": GGUF_FILE, "info": info}
+    # external: record where the artifact is, after checking it is of this base model
+    from .artifacts import ModelShape, artifact_shape, check_matches, resolve_format
+
+    source = Path(entry["source"]).expanduser().resolve()
+    fmt = resolve_format(source, entry.get("format", "auto"))
+    base_shape = ModelShape.from_hf_config(model.config.to_dict())  # type: ignore[operator]
+    check_matches(artifact_shape(source, fmt), base_shape, str(source), base)
+    if fmt == "gguf":
+        from .gguf_checkpoint import read_gguf_state
+
+        read_gguf_state(source, model)  # every tensor maps onto the base architecture
+    stat = source.stat()
+    return {
+        "kind": "external",
+        "format": fmt,
+        "source": str(source),
+        "size": stat.st_size,
+        "mtime": stat.st_mtime,
+        "entry": entry,
+    }
 
 
 def base_record(base: str | Path, checkpoint_dir: Path) -> dict[str, str | None]:
@@ -198,6 +258,8 @@ def load_checkpoint(
     """Load the base model in the run dtype and apply the variant's stored compression."""
     checkpoint_dir = Path(checkpoint_dir)
     manifest = read_manifest(checkpoint_dir)
+    if manifest["method"]["kind"] in ("llmcompressor", "gguf", "external"):
+        return load_shipped(checkpoint_dir, manifest, dtype, device, attn_implementation)
     payload = read_payload(checkpoint_dir)
     model = load_run_model(
         resolve_base(manifest, checkpoint_dir),
@@ -211,6 +273,51 @@ def load_checkpoint(
     except (KeyError, RuntimeError, ValueError) as e:
         raise unreadable(checkpoint_dir / TENSORS, e, "compress") from e
     return model
+
+
+def load_shipped(
+    checkpoint_dir: Path,
+    manifest: dict[str, Any],
+    dtype: str,
+    device: str | torch.device,
+    attn_implementation: str | None,
+) -> nn.Module:
+    """A shipped-format variant, its forward as deployed (see sae_audit.shipped)."""
+    method = manifest["method"]
+    kind = method["kind"]
+    fmt = method.get("format")
+    if (kind == "llmcompressor" and method.get("model_dir")) or fmt == "compressed-tensors":
+        from .shipped import load_compressed_tensors
+
+        source = (
+            checkpoint_dir / method["model_dir"] if kind == "llmcompressor" else method["source"]
+        )
+        model = load_compressed_tensors(source, dtype, attn_implementation, device)
+    else:
+        model = load_run_model(
+            resolve_base(manifest, checkpoint_dir),
+            dtype=dtype,
+            revision=manifest.get("revision"),
+            attn_implementation=attn_implementation,
+            device=device,
+        )
+    if kind == "gguf" or fmt == "gguf":
+        from .gguf_checkpoint import load_gguf_into
+
+        load_gguf_into(
+            model, checkpoint_dir / method["file"] if kind == "gguf" else method["source"]
+        )
+    kv = method.get("kv_cache") or {}
+    if kv.get("scales"):
+        from .shipped import apply_kv_scales
+
+        path = checkpoint_dir / kv["scales"]
+        try:
+            scales = load_file(path)
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise unreadable(path, e, "compress") from e
+        apply_kv_scales(model, kv["scheme"], scales)
+    return model.eval()
 
 
 def load_run_model(

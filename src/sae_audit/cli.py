@@ -153,6 +153,13 @@ def _prefetch(a: argparse.Namespace) -> Any:
             default={},
             help="JSON: the config's analysis section, for figures that draw the class thresholds",
         ),
+        p.add_argument(
+            "--variants",
+            type=json.loads,
+            default={},
+            help="JSON: weight bits per variant (config.variant_bits, null for none): "
+            "the order and grouping of the variants drawn",
+        ),
         p.add_argument("--inputs", nargs="+", required=True),
         p.add_argument("--out", required=True),
     ),
@@ -161,7 +168,7 @@ def _plot(a: argparse.Namespace) -> Any:
     from .figures import FigureCallError, get_figure
 
     try:
-        get_figure(a.figure).draw(*a.inputs, out=a.out, params=a.analysis)
+        get_figure(a.figure).draw(*a.inputs, out=a.out, params=a.analysis, variants=a.variants)
     except (KeyError, FigureCallError) as e:
         raise SystemExit(f"sae-audit plot: {e.args[0]}") from None
 
@@ -171,13 +178,20 @@ def _plot(a: argparse.Namespace) -> Any:
     lambda p: (
         p.add_argument("--input", required=True, help="a result table (parquet)"),
         p.add_argument("--out", nargs="+", required=True, help="its forms: .html and/or .csv"),
+        p.add_argument(
+            "--variants",
+            type=json.loads,
+            default={},
+            help="JSON: weight bits per variant (config.variant_bits, null for none): "
+            "the row order and the bits column",
+        ),
     ),
 )
 def _report_table(a: argparse.Namespace) -> Any:
     from .report_tables import report_table
 
     for out in a.out:  # one process for every form
-        report_table(a.input, out=out)
+        report_table(a.input, out=out, variants=a.variants)
 
 
 @command(

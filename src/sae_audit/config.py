@@ -25,7 +25,7 @@ import yaml
 from jsonschema import validators
 
 from .hooknames import HOOK_PATTERN, SUPPORTED, pretrained_hook
-from .variants import parse_variant, prune_name, rtn_name
+from .variants import SHIPPED, parse_variant, prune_name, rtn_name, shipped_name
 
 FIXTURE = "fixture"
 
@@ -347,6 +347,7 @@ def _cross_check(config: dict[str, Any]) -> None:
     first job, so a typo costs seconds rather than the minutes of work before that job.
     """
     _check_variants(config)
+    _check_shipped(config)
     _check_analysis(config)
     _check_fixture(config)
     for model, spec in config["models"].items():
@@ -371,16 +372,18 @@ def _suggest(name: str, choices: list[str]) -> str:
 def _check_variants(config: dict[str, Any]) -> None:
     # Matched targets first: 'prune-matched-<typo>' would otherwise fail to parse below
     # and name only 'compression', not the key that holds the typo.
-    bases = rtn_variants(config) + [
-        prune_name(s) for s in config["compression"]["prune"]["sparsities"]
-    ]
+    bases = (
+        rtn_variants(config)
+        + [prune_name(s) for s in config["compression"]["prune"]["sparsities"]]
+        + shipped_variants(config)
+    )
     key = "compression.prune.matched.targets"
     for target in config["compression"]["prune"]["matched"]["targets"]:
         if target not in bases:
             raise ConfigError(
                 f"config key '{key}': target {target!r} is not a configured RTN or pruning "
                 f"variant{_suggest(target, bases)}; choose from {bases} (made by "
-                "compression.rtn and compression.prune.sparsities)"
+                "compression.rtn, compression.prune.sparsities, .llmcompressor, .gguf, .external)"
             )
     for name in variant_names(config):
         try:
@@ -399,6 +402,113 @@ def _check_variants(config: dict[str, Any]) -> None:
                     f"config key 'overlap.pairs': {name!r} (pair {i}) is not a configured "
                     f"variant{_suggest(name, names)}; choose from {names}"
                 )
+
+
+# Weight-only schemes: AWQ fits weight scales and nothing else.
+_WEIGHT_ONLY = {"W4A16", "W4A16_ASYM", "W8A16"}
+
+
+def check_llmcompressor_entry(entry: Mapping[str, Any], where: str) -> None:
+    """Combinations llm-compressor would reject, or that would silently do nothing."""
+    scheme, method = entry.get("scheme"), entry.get("method", "rtn")
+    if scheme is None and entry.get("kv_cache") is None:
+        raise ConfigError(
+            f"config key '{where}': compresses nothing; set a scheme (e.g. W4A16, W8A8, "
+            "FP8_DYNAMIC), a kv_cache (fp8, int8), or both"
+        )
+    if scheme is None and method != "rtn":
+        raise ConfigError(
+            f"config key '{where}.method': {method!r} fits weights, but scheme is null "
+            "(a KV-cache-only variant); set a scheme or drop method"
+        )
+    if method == "awq" and scheme not in _WEIGHT_ONLY:
+        raise ConfigError(
+            f"config key '{where}.method': awq fits weight-only schemes "
+            f"({sorted(_WEIGHT_ONLY)}), not {scheme!r}; use gptq or smoothquant+gptq"
+        )
+    if method.startswith("smoothquant") and scheme in _WEIGHT_ONLY:
+        raise ConfigError(
+            f"config key '{where}.method': SmoothQuant moves activation outliers into the "
+            f"weights, which only helps when activations are quantized; {scheme!r} is weight-only "
+            "(use gptq or awq, or a W8A8 / FP8 scheme)"
+        )
+
+
+def _check_shipped(config: dict[str, Any]) -> None:
+    compression = config["compression"]
+    for key, entry in compression["llmcompressor"].items():
+        check_llmcompressor_entry(entry, f"compression.llmcompressor.{key}")
+    if compression["llmcompressor"]:
+        for model, spec in config["models"].items():
+            _check_calibration(model, spec, config)
+    if compression["external"] and len(config["models"]) > 1:
+        raise ConfigError(
+            "config key 'compression.external': an external artifact compresses one base "
+            f"model, but {len(config['models'])} models are configured ({list(config['models'])}); "
+            "audit external artifacts with a config of one model"
+        )
+    for key, entry in compression["external"].items():
+        for model, spec in config["models"].items():
+            check_external(f"compression.external.{key}", entry, model, spec, config.get("fixture"))
+
+
+def _check_calibration(model: str, spec: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """The calibration set exists and is not the evaluation text (windows are checked later)."""
+    calibration, tokens = spec["calibration"], spec["tokens"]
+    key = f"models.{model}.calibration"
+    if calibration["source"] == FIXTURE and "fixture" not in config:
+        raise ConfigError(
+            f"config key '{key}': defaults to the fixture's training text, but 'fixture' is not "
+            "configured; set a calibration token set disjoint from models."
+            f"{model}.tokens (e.g. {{source: text, paths: [calib.txt]}})"
+        )
+    same_source = calibration["source"] == tokens["source"] and calibration["source"] != FIXTURE
+    same_data = calibration.get("paths", []) == tokens.get("paths", []) and calibration.get(
+        "dataset"
+    ) == tokens.get("dataset")
+    if same_source and same_data:
+        raise ConfigError(
+            f"config key '{key}': the calibration set reads the same data as models.{model}"
+            ".tokens; calibrating on the evaluation text would flatter the compressed models: "
+            "point it at other files or another split"
+        )
+    check_token_set(calibration, key)
+    _check_tokens(model, calibration, "calibration")
+
+
+def check_external(
+    where: str,
+    entry: Mapping[str, Any],
+    model: str,
+    spec: Mapping[str, Any],
+    fixture: Mapping[str, Any] | None,
+) -> None:
+    """The artifact exists, has a format we read, and declares the base model's shape."""
+    from .artifacts import ModelShape, artifact_shape, check_matches, resolve_format
+    from .files import InputError
+
+    source = entry["source"]
+    if not Path(source).exists():
+        raise ConfigError(
+            f"config key '{where}.source': no such file or directory: {source!r} (relative "
+            f"paths are relative to the working directory {Path.cwd()})"
+        )
+    what, width, layers = _model_shape(spec, fixture)
+    model_type: str | None = "gpt_neox" if spec["model"]["source"] == FIXTURE else None
+    vocab = None
+    base_dir = Path(spec["model"]["source"])
+    if base_dir.is_dir():
+        base_cfg = _read_json(base_dir / "config.json") or {}
+        model_type, vocab = (
+            ModelShape.from_hf_config(base_cfg).model_type,
+            base_cfg.get("vocab_size"),
+        )
+    base = ModelShape(model_type, width, layers, vocab)
+    try:
+        fmt = resolve_format(source, entry.get("format", "auto"))
+        check_matches(artifact_shape(source, fmt), base, repr(source), f"{what} (models.{model})")
+    except InputError as e:
+        raise ConfigError(f"config key '{where}.source': {e}") from e
 
 
 def _check_analysis(config: dict[str, Any]) -> None:
@@ -498,12 +608,12 @@ def _first_line(path: Path) -> bytes | None:
     return None
 
 
-def _check_tokens(model: str, tokens: Mapping[str, Any]) -> None:
+def _check_tokens(model: str, tokens: Mapping[str, Any], section: str = "tokens") -> None:
     """The token set's local input files (a cheap look at each); check_token_set did its keys."""
     source = tokens["source"]
     if source not in ("text", "jsonl", "parquet"):
         return
-    key = f"models.{model}.tokens.paths"
+    key = f"models.{model}.{section}.paths"
     column = tokens["text_column"]
     for item in tokens["paths"]:
         path = Path(item)
@@ -515,7 +625,7 @@ def _check_tokens(model: str, tokens: Mapping[str, Any]) -> None:
         if not path.is_file():
             raise ConfigError(f"config key '{key}': {item!r} is not a file")
         if source == "parquet":
-            _check_parquet(model, item, column)
+            _check_parquet(model, item, column, section)
             continue
         first = _first_line(path)
         if first is None:
@@ -525,11 +635,13 @@ def _check_tokens(model: str, tokens: Mapping[str, Any]) -> None:
                 "(fill it or drop it from the list)"
             )
         if source == "jsonl" and len(first) < _FIRST_LINE_CAP:
-            _check_jsonl_row(model, item, first, column)
+            _check_jsonl_row(model, item, first, column, section)
 
 
-def _check_jsonl_row(model: str, item: str, line: bytes, column: str) -> None:
-    key = f"models.{model}.tokens.paths"
+def _check_jsonl_row(
+    model: str, item: str, line: bytes, column: str, section: str = "tokens"
+) -> None:
+    key = f"models.{model}.{section}.paths"
     try:
         row = json.loads(line)
     except ValueError as e:
@@ -540,20 +652,20 @@ def _check_jsonl_row(model: str, item: str, line: bytes, column: str) -> None:
     if not isinstance(row, dict):
         raise ConfigError(
             f"config key '{key}': the first line of {item!r} is a JSON {type(row).__name__}, "
-            f"expected an object with a {column!r} key (tokens.text_column)"
+            f"expected an object with a {column!r} key ({section}.text_column)"
         )
     if column not in row:
         raise ConfigError(
-            f"config key 'models.{model}.tokens.text_column': {column!r} is not a "
+            f"config key 'models.{model}.{section}.text_column': {column!r} is not a "
             f"key of the first row of {item!r}; its keys: {sorted(row)}"
         )
 
 
-def _check_parquet(model: str, item: str, column: str) -> None:
+def _check_parquet(model: str, item: str, column: str, section: str = "tokens") -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    key = f"models.{model}.tokens.paths"
+    key = f"models.{model}.{section}.paths"
     try:
         meta = pq.read_metadata(item)  # the footer only, not the data
     except (pa.ArrowException, OSError) as e:
@@ -566,7 +678,7 @@ def _check_parquet(model: str, item: str, column: str) -> None:
     names = meta.schema.to_arrow_schema().names
     if column not in names:
         raise ConfigError(
-            f"config key 'models.{model}.tokens.text_column': {column!r} is not a "
+            f"config key 'models.{model}.{section}.text_column': {column!r} is not a "
             f"column of {item!r}; its columns: {names}"
         )
 
@@ -749,7 +861,33 @@ def load(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- derived
 def rtn_variants(config: Mapping[str, Any]) -> list[str]:
     rtn = config["compression"]["rtn"]
-    return [rtn_name(b, rtn.get("group_size"), rtn.get("symmetric", True)) for b in rtn["bits"]]
+    return [
+        rtn_name(b, rtn.get("group_size"), rtn.get("symmetric", True), rtn.get("full_range", False))
+        for b in rtn["bits"]
+    ]
+
+
+def shipped_variants(config: Mapping[str, Any]) -> list[str]:
+    """lc-, gguf- and ext- variants, in config order within each section."""
+    return [
+        shipped_name(section, key)
+        for section in SHIPPED
+        for key in config["compression"].get(section, {})
+    ]
+
+
+def shipped_entry(config: Mapping[str, Any], variant: str) -> tuple[str, dict[str, Any]] | None:
+    """(section, config entry) of a shipped-format variant; None for any other variant."""
+    v = parse_variant(variant)
+    if not v.shipped:
+        return None
+    section = next(s for s, (_, kind) in SHIPPED.items() if kind == v.kind)
+    return section, dict(config["compression"][section][v.key])
+
+
+def calibrated_variants(config: Mapping[str, Any]) -> list[str]:
+    """Variants whose compress job reads the calibration token set (llm-compressor's)."""
+    return [shipped_name("llmcompressor", k) for k in config["compression"]["llmcompressor"]]
 
 
 def matched_variants(config: Mapping[str, Any]) -> list[str]:
@@ -761,6 +899,7 @@ def variant_names(config: Mapping[str, Any]) -> list[str]:
     prune = config["compression"]["prune"]
     names = (
         rtn_variants(config)
+        + shipped_variants(config)
         + [prune_name(s) for s in prune["sparsities"]]
         + matched_variants(config)
     )
@@ -769,11 +908,40 @@ def variant_names(config: Mapping[str, Any]) -> list[str]:
     return names
 
 
+def variant_bits(config: Mapping[str, Any]) -> dict[str, int | None]:
+    """Weight bits of every compressed variant (None: no bit-width, e.g. pruning, KV-only):
+    where each sits in tables and figures, shipped formats beside RTN at the same bits."""
+    from .variants import shipped_bits
+
+    bits: dict[str, int | None] = {}
+    for name in variant_names(config):
+        v = parse_variant(name)
+        found = shipped_entry(config, name)
+        bits[name] = shipped_bits(*found) if found else v.bits
+    return bits
+
+
+def equal_bits_pairs(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(RTN variant, shipped variant) at the same weight bits: what a deployment team asks
+    first is which features the shipped method saves that plain RTN destroys, and back."""
+    bits = variant_bits(config)
+    rtn = rtn_variants(config)
+    return [
+        (r, s)
+        for s in shipped_variants(config)
+        if bits[s] is not None
+        for r in rtn
+        if bits[r] == bits[s]
+    ]
+
+
 def overlap_pairs(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Configured pairs, or by default each RTN variant against each matched-pruning variant."""
+    """Configured pairs, or by default each RTN variant against each matched-pruning variant
+    and each shipped variant against RTN at its bit-width."""
     if config["overlap"]["pairs"]:
         return [(a, b) for a, b in config["overlap"]["pairs"]]
-    return [(r, m) for m in matched_variants(config) for r in rtn_variants(config)]
+    matched = [(r, m) for m in matched_variants(config) for r in rtn_variants(config)]
+    return matched + equal_bits_pairs(config)
 
 
 def model_names(config: Mapping[str, Any]) -> list[str]:

@@ -10,16 +10,72 @@ The registry is plain data so the Snakefile can read it without importing matplo
 and seaborn (about 1.5 s on every Snakemake start, and on every cluster job's): the
 plotting function is ``sae_audit.plots.<function>``, imported only when a figure is drawn.
 
-Adding a figure: write ``plots.NAME(*input_paths, out)`` (plus ``params=None`` when it
-draws the class thresholds), register it here, and write workflow/report/NAME.rst.
+Adding a figure: write ``plots.NAME(*input_paths, out, variants=None)`` (plus
+``params=None`` before ``variants`` when it draws the class thresholds), register it
+here, and write workflow/report/NAME.rst.
+
+The display order of variants is here too (``variant_order``), shared by the figures
+and the report tables: by weight bits, most first, each shipped format (llm-compressor,
+GGUF, external) right after the RTN variant of its bits; then the variants without a
+bit-width. The bits come from the config (``sae_audit.config.variant_bits``), which the
+rules pass as ``--variants JSON``; without them only RTN names carry bits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .variants import Variant, parse_variant
+
+# Weight bits per variant name (config.variant_bits): None for no bit-width.
+VariantBits = Mapping[str, int | None]
+# Within one bit-width: RTN first, then the shipped formats, one kind after another.
+_BITS_KINDS = {"rtn": 0, "llmcompressor": 1, "gguf": 2, "external": 3}
+
+
+def _parsed(name: str) -> Variant | None:
+    try:
+        return parse_variant(name)
+    except ValueError:
+        return None
+
+
+def variant_bits(name: str, variants: VariantBits | None = None) -> int | None:
+    """A variant's weight bits: from ``variants`` (the config's), else from its name (RTN)."""
+    if variants and name in variants:
+        return variants[name]
+    v = _parsed(name)
+    return v.bits if v is not None and v.kind == "rtn" else None
+
+
+def variant_order_key(name: str, variants: VariantBits | None = None) -> tuple:
+    """FP; every variant with weight bits, most bits first (RTN, then llm-compressor, GGUF,
+    external at the same bits); pruning by sparsity; matched pruning by its target's bits;
+    shipped formats without weight bits (KV-cache only); the null run; unknown names."""
+    v = _parsed(name)
+    if v is None:
+        return (9, 0.0, 0, name)
+    if v.kind == "fp":
+        return (0, 0.0, 0, name)
+    bits = variant_bits(name, variants)
+    if v.kind in _BITS_KINDS and bits is not None:
+        return (1, -float(bits), _BITS_KINDS[v.kind], name)
+    if v.kind == "prune":
+        return (2, v.sparsity or 0.0, 0, name)
+    if v.kind == "prune-matched":
+        target = variant_bits(v.target or "", variants)
+        return (3, -float(target or 0), 0, name)
+    if v.kind in _BITS_KINDS:  # shipped, no weight bits
+        return (4, 0.0, _BITS_KINDS[v.kind], name)
+    return (5, 0.0, 0, name)  # the null run
+
+
+def variant_order(names: Iterable[str], variants: VariantBits | None = None) -> list[str]:
+    """Distinct variant names in display order (``variant_order_key``)."""
+    return sorted({str(n) for n in names}, key=lambda n: variant_order_key(n, variants))
 
 
 class FigureCallError(ValueError):
@@ -39,6 +95,9 @@ class Figure:
     thresholds: the function draws the class thresholds (reference lines, class cells)
         and takes the config's ``analysis`` slice as ``params`` (active_rate, survived,
         destroyed); the rule passes it, so a changed threshold re-draws the figure.
+
+    Every function also takes ``variants``, the weight bits per variant
+    (``config.variant_bits``), which orders and groups the variants it draws.
     """
 
     name: str
@@ -62,21 +121,24 @@ class Figure:
         *inputs: str | Path,
         out: str | Path,
         params: Mapping[str, Any] | None = None,
+        variants: VariantBits | None = None,
     ) -> None:
         """Draw the figure from its input tables into ``out``; ``params`` is the
-        ``analysis`` config slice (only for figures that draw thresholds)."""
+        ``analysis`` config slice (only for figures that draw thresholds), ``variants``
+        the weight bits per variant (``config.variant_bits``)."""
         if len(inputs) != len(self.inputs):
             raise FigureCallError(
                 f"figure {self.name!r} reads {len(self.inputs)} table(s) "
                 f"({', '.join(self.inputs)}), got {len(inputs)}"
             )
         fn = self.load()
+        bits = dict(variants) if variants else None
         if self.thresholds:
-            fn(*inputs, out=out, params=params or None)
+            fn(*inputs, out=out, params=params or None, variants=bits)
         elif params:
             raise FigureCallError(f"figure {self.name!r} draws no thresholds and takes no params")
         else:
-            fn(*inputs, out=out)
+            fn(*inputs, out=out, variants=bits)
 
 
 FIGURE_REGISTRY: dict[str, Figure] = {}
@@ -126,7 +188,7 @@ _BASIS = "{model}/{sae}"
 SURVIVAL = "1. Feature survival"
 PERPLEXITY = "2. Perplexity"
 PREDICTOR = "3. Survival predictor"
-OVERLAP = "4. RTN vs pruning"
+OVERLAP = "4. RTN vs pruning and shipped formats"
 STABILITY = "5. Stability"
 
 register_figure("class_fractions_vs_bits", [f"{_BASIS}/survival.parquet"], SURVIVAL)

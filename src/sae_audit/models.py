@@ -232,8 +232,12 @@ def load_model(
     revision: str | None = None,
     attn_implementation: str | None = None,
     device: str | torch.device = "cpu",
+    quantization_config: Any = None,
 ) -> nn.Module:
-    """Load a causal LM by HF id or local directory, in eval mode."""
+    """Load a causal LM by HF id or local directory, in eval mode.
+
+    `quantization_config` overrides how a quantized checkpoint loads (e.g. compressed-tensors
+    with its weights decompressed on load)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in DTYPES:
@@ -242,7 +246,11 @@ def load_model(
     family = family_of(SimpleNamespace(config=config))  # fail before loading any weights
     if attn_implementation is None:
         attn_implementation = family.default_attn_implementation
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kwargs: dict[str, Any] = (
+        {"attn_implementation": attn_implementation} if attn_implementation else {}
+    )
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     model = AutoModelForCausalLM.from_pretrained(
         str(source), revision=revision, dtype=DTYPES[dtype], **kwargs
     )

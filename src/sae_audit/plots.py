@@ -1,12 +1,17 @@
 """Seaborn figures of the audit; each function reads tables and writes one PNG.
 
 Every figure is registered in ``sae_audit.figures`` (its input tables, caption and
-report category) and has the signature ``name(*input_paths, out)``, or
-``name(*input_paths, out, params=None)`` when it draws the class thresholds (``params``
-is the config's ``analysis`` slice; without it the schema's defaults apply).
-``sae-audit plot NAME [--analysis JSON] --inputs A [B ...] --out X`` calls it; the workflow
-runs each figure from its own rule plot_NAME (workflow/rules/plots.smk, one loop over
-the registry) and captions it with workflow/report/NAME.rst.
+report category) and has the signature ``name(*input_paths, out, variants=None)``, or
+``name(*input_paths, out, params=None, variants=None)`` when it draws the class
+thresholds (``params`` is the config's ``analysis`` slice; without it the schema's
+defaults apply). ``variants`` is the weight bits per variant (``config.variant_bits``):
+variants are drawn in ``figures.variant_order`` (most bits first, each shipped format
+right after the RTN variant of its bits) and the "vs bits" figures put shipped formats
+at their bits beside RTN; without it only RTN names carry bits.
+``sae-audit plot NAME [--analysis JSON] [--variants JSON] --inputs A [B ...] --out X``
+calls it; the workflow runs each figure from its own rule plot_NAME
+(workflow/rules/plots.smk, one loop over the registry) and captions it with
+workflow/report/NAME.rst.
 
 Figures never fail on a degenerate but valid study (no pruning pair, NaN AUCs,
 a variant with one class only): they say so in the panel instead.
@@ -30,14 +35,19 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.text import Annotation, Text
 
+from .figures import VariantBits, variant_bits, variant_order_key
 from .survival import CLASSES, SurvivalConfig
 from .variants import Variant, parse_variant
 
 PALETTE = {"survived": "#2a9d8f", "blurred": "#e9c46a", "destroyed": "#e76f51"}
 KIND_LABEL = {
     "rtn": "RTN",
+    "llmcompressor": "llm-compressor",
+    "gguf": "GGUF",
+    "external": "external",
     "prune": "pruning",
     "prune-matched": "matched pruning",
     "null": "null (FP rerun)",
@@ -45,11 +55,29 @@ KIND_LABEL = {
 }
 KIND_COLOR = {
     "RTN": "#264653",
+    "llm-compressor": "#7b2cbf",
+    "GGUF": "#2d6a4f",
+    "external": "#8c564b",
     "pruning": "#e76f51",
     "matched pruning": "#d62828",
     "null (FP rerun)": "#8d99ae",
     "other": "#6c757d",
 }
+# The kinds drawn against weight bits, and how a shipped kind's bars are hatched.
+BITS_KINDS = ("RTN", "llm-compressor", "GGUF", "external")
+KIND_HATCH = {"llm-compressor": "//", "GGUF": "..", "external": "xx"}
+# Per-variant color ramps, one hue family per kind (dark = fewer bits within RTN).
+KIND_RAMP = {
+    "RTN": ("Blues", 2),
+    "llm-compressor": ("Purples", 2),
+    "GGUF": ("Greens", 2),
+    "external": ("copper", 1),
+    "pruning": ("Oranges", 1),
+    "matched pruning": ("flare", 0),
+    "null (FP rerun)": ("Greys", 1),
+    "other": ("Greys", 1),
+}
+NO_BITS = "no weight bits"
 
 sns.set_theme(style="whitegrid", context="paper")
 
@@ -89,45 +117,24 @@ def _kind(name: str) -> str:
     return KIND_LABEL[v.kind if v is not None and v.kind in KIND_LABEL else "other"]
 
 
-def _order_key(name: str) -> tuple:
-    """RTN by bits (high to low), then pruning by sparsity, matched pruning, null, others."""
-    v = _parse(name)
-    if v is None:
-        return (5, 0.0, name)
-    if v.kind == "rtn":
-        return (0, -(v.bits or 0), name)
-    if v.kind == "prune":
-        return (1, v.sparsity or 0.0, name)
-    if v.kind == "prune-matched":
-        target = _parse(v.target or "")
-        return (2, -(target.bits or 0) if target and target.bits else 0.0, name)
-    if v.kind == "null":
-        return (3, 0.0, name)
-    return (4, 0.0, name)
+def _variant_order(names: Iterable[str], variants: VariantBits | None = None) -> list[str]:
+    """Display order (``figures.variant_order_key``): by weight bits, shipped beside RTN."""
+    return sorted({str(n) for n in names}, key=lambda n: variant_order_key(n, variants))
 
 
-def _variant_order(names: Iterable[str]) -> list[str]:
-    return sorted({str(n) for n in names}, key=_order_key)
-
-
-def _palette(names: Sequence[str]) -> dict[str, tuple[float, float, float]]:
-    """A stable color per variant: RTN in a blue-green ramp (dark = fewer bits),
-    pruning in warm colors, the null variant grey."""
-    names = _variant_order(names)
+def _palette(
+    names: Sequence[str], variants: VariantBits | None = None
+) -> dict[str, tuple[float, float, float]]:
+    """A stable color per variant, one hue family per kind: RTN blue (dark = fewer
+    bits), llm-compressor purple, GGUF green, external brown, pruning warm, null grey."""
+    names = _variant_order(names, variants)
     groups: dict[str, list[str]] = {}
     for n in names:
         groups.setdefault(_kind(n), []).append(n)
-    ramps = {
-        "RTN": "crest",
-        "pruning": "Oranges",
-        "matched pruning": "flare",
-        "null (FP rerun)": "Greys",
-        "other": "Purples",
-    }
     colors: dict[str, tuple[float, float, float]] = {}
     for kind, members in groups.items():
-        ramp = sns.color_palette(ramps[kind], n_colors=max(len(members), 1) + 1)
-        start = 1 if kind in ("pruning", "null (FP rerun)", "other") else 0
+        ramp_name, start = KIND_RAMP[kind]
+        ramp = sns.color_palette(ramp_name, n_colors=len(members) + start)
         for i, n in enumerate(members):
             colors[n] = ramp[min(i + start, len(ramp) - 1)]
     return colors
@@ -159,14 +166,34 @@ def _finite(col: str) -> pl.Expr:
     return pl.col(col).is_not_null() & pl.col(col).cast(pl.Float64).is_finite()
 
 
-def _rtn_rows(summary: pl.DataFrame) -> pl.DataFrame:
-    bits = [
-        v.bits if (v := _parse(name)) is not None and v.kind == "rtn" else None
-        for name in summary["variant"]
-    ]
-    return summary.with_columns(pl.Series("bits", bits, dtype=pl.Int64)).filter(
-        pl.col("bits").is_not_null()
+def _bits_rows(table: pl.DataFrame, variants: VariantBits | None = None) -> pl.DataFrame:
+    """The rows of RTN and shipped-format variants with their weight bits (``bits``, null
+    for a shipped format that leaves the weights alone, e.g. KV-cache only) and ``kind``,
+    in display order; FP, pruning and the null run are left out."""
+    names = table["variant"].cast(pl.String).to_list()
+    kinds = [_kind(n) for n in names]
+    bits = [variant_bits(n, variants) for n in names]
+    keep = [k in BITS_KINDS for k in kinds]
+    out = table.with_columns(
+        pl.col("variant").cast(pl.String),
+        pl.Series("bits", bits, dtype=pl.Int64),
+        pl.Series("kind", kinds, dtype=pl.String),
+    ).filter(pl.Series(keep, dtype=pl.Boolean))
+    rank = {n: i for i, n in enumerate(_variant_order(out["variant"], variants))}
+    return out.sort(
+        pl.col("variant").replace_strict(rank, return_dtype=pl.Int64), maintain_order=True
     )
+
+
+def _bits_groups(rows: pl.DataFrame) -> list[tuple[int | None, list[str]]]:
+    """Variants of ``_bits_rows`` grouped by bit-width, in order; no-bits last."""
+    groups: list[tuple[int | None, list[str]]] = []
+    for name, bits in zip(rows["variant"], rows["bits"], strict=True):
+        if groups and groups[-1][0] == bits:
+            groups[-1][1].append(name)
+        else:
+            groups.append((bits, [name]))
+    return groups
 
 
 def _grid(n: int, max_cols: int = 4, w: float = 3.2, h: float = 3.0):
@@ -205,78 +232,212 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 # ---------------------------------------------------------------- figures
-def class_fractions_vs_bits(summary_path: str | Path, out: str | Path) -> None:
-    """Stacked shares of active features per class, one bar per RTN variant (by bit-width)."""
-    rtn = _rtn_rows(pl.read_parquet(summary_path))
-    title = "Feature classes under RTN quantization"
-    if rtn.height == 0:
-        _message_figure(out, title, "no RTN variant configured")
+def _bits_label(bits: int | None) -> str:
+    return NO_BITS if bits is None else f"{bits}-bit"
+
+
+def class_fractions_vs_bits(
+    summary_path: str | Path, out: str | Path, variants: VariantBits | None = None
+) -> None:
+    """Stacked shares of active features per class, one bar per RTN or shipped-format variant,
+    grouped by weight bit-width (most bits left): shipped formats stand beside the RTN
+    variant of their bits, hatched by kind; those without weight bits form the last group."""
+    rows = _bits_rows(pl.read_parquet(summary_path), variants)
+    title = "Feature classes by weight bit-width: RTN and shipped formats"
+    if rows.height == 0:
+        _message_figure(out, title, "no RTN or shipped-format variant configured")
         return
-    order = _variant_order(rtn["variant"])
-    rtn = rtn.with_columns(pl.col("variant").cast(pl.String))
-    by_variant = {r["variant"]: r for r in rtn.iter_rows(named=True)}
-    # x labels: the bit-width, or the full name when two variants share one (group size, asym)
-    bits = [by_variant[v]["bits"] for v in order]
-    labels = [str(b) if bits.count(b) == 1 else v for v, b in zip(order, bits, strict=True)]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(order) + 2), 4))
+    by_variant = {r["variant"]: r for r in rows.iter_rows(named=True)}
+    groups = _bits_groups(rows)
+    # one bar per variant, a gap between bit-widths
+    xs: dict[str, float] = {}
+    x = 0.0
+    for _, members in groups:
+        for name in members:
+            xs[name] = x
+            x += 1.0
+        x += 0.6
+    order = list(xs)
+    pos = np.array([xs[v] for v in order])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(order) + 0.3 * len(groups) + 2.5), 4.5))
     bottom = np.zeros(len(order))
+    hatches = [KIND_HATCH.get(by_variant[v]["kind"], "") for v in order]
     for cls in CLASSES:
-        values = np.array(
-            [float(by_variant[v][f"{cls}_pct"] or 0.0) for v in order], dtype=np.float64
+        values = np.nan_to_num(
+            np.array([float(by_variant[v][f"{cls}_pct"] or 0.0) for v in order], dtype=np.float64)
         )
-        values = np.nan_to_num(values)
-        ax.bar(np.arange(len(order)), values, bottom=bottom, label=cls, color=PALETTE[cls])
+        bars = ax.bar(pos, values, bottom=bottom, width=0.8, label=cls, color=PALETTE[cls])
+        for bar, hatch in zip(bars, hatches, strict=True):
+            if hatch:
+                bar.set_hatch(hatch)
+                bar.set_edgecolor("white")
+                bar.set_linewidth(0.0)
         bottom += values
-    for i, v in enumerate(order):
+    for v in order:
         pct = by_variant[v]["survived_pct"]
         if pct is not None and math.isfinite(pct) and pct >= 8:
-            ax.text(i, pct / 2, f"{pct:.1f}%", ha="center", va="center", fontsize=8, color="white")
-    ax.set_xticks(np.arange(len(order)), labels)
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("RTN bit-width")
+            ax.text(
+                xs[v],
+                pct / 2,
+                f"{pct:.1f}%",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white",
+                rotation=90 if len(order) > 8 else 0,
+                # readable over a hatched bar
+                bbox={"facecolor": PALETTE["survived"], "edgecolor": "none", "pad": 1},
+            )
+    for bits, members in groups:
+        center = (xs[members[0]] + xs[members[-1]]) / 2
+        ax.text(center, 102, _bits_label(bits), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(pos, order, rotation=35, ha="right", fontsize=7)
+    ax.set_ylim(0, 109)
+    ax.set_yticks(range(0, 101, 20))
+    ax.grid(axis="x", visible=False)
+    ax.set_xlabel("variant, grouped by weight bit-width (most bits left)")
     ax.set_ylabel("% of active features")
     ax.set_title(title)
-    ax.legend(loc="lower left", frameon=True)
+    handles = ax.get_legend_handles_labels()[0]
+    handles += [
+        Patch(facecolor="#bbbbbb", edgecolor="white", hatch=KIND_HATCH[k], label=k)
+        for k in KIND_HATCH
+        if k in set(rows["kind"])
+    ]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     _save(fig, out)
 
 
-def perplexity_vs_bits(perplexity_path: str | Path, out: str | Path) -> None:
-    """Perplexity change (%) vs FP per RTN bit-width, chunked and sliding-window."""
-    table = _rtn_rows(pl.read_parquet(perplexity_path))
-    title = "Perplexity under RTN quantization"
-    cols = [c for c in ("dppl_chunked_pct", "dppl_sliding_pct") if c in table.columns]
+def _beside(groups: list[tuple[int | None, list[str]]], kinds: Mapping[str, str]) -> dict:
+    """x of every variant on a bits axis: RTN at its bits, the shipped formats of the same
+    bits spread just beside it (toward fewer bits), those without bits one step past the
+    fewest bits."""
+    known = [b for b, _ in groups if b is not None]
+    none_x = (min(known) - 1.0) if known else 0.0
+    xs: dict[str, float] = {}
+    for bits, members in groups:
+        base = float(bits) if bits is not None else none_x
+        shipped = [m for m in members if kinds[m] != "RTN"]
+        step = min(0.15, 0.6 / (len(shipped) + 1))
+        for m in members:
+            xs[m] = base
+        for i, m in enumerate(shipped):
+            xs[m] = base - step * (i + 1) if bits is not None else base - step * i
+    return xs
+
+
+def perplexity_vs_bits(
+    perplexity_path: str | Path, out: str | Path, variants: VariantBits | None = None
+) -> None:
+    """Perplexity change (%) vs FP against weight bits, chunked and sliding-window: the RTN
+    curve, and each shipped format as a marker of its kind's color at its bits beside it."""
+    rows = _bits_rows(pl.read_parquet(perplexity_path), variants)
+    title = "Perplexity by weight bit-width: RTN and shipped formats"
+    evaluations = [e for e in ("chunked", "sliding") if f"dppl_{e}_pct" in rows.columns]
     long = (
-        table.unpivot(index="bits", on=cols, variable_name="evaluation", value_name="dppl")
+        rows.unpivot(
+            index=["variant", "bits", "kind"],
+            on=[f"dppl_{e}_pct" for e in evaluations],
+            variable_name="evaluation",
+            value_name="dppl",
+        )
         .with_columns(pl.col("evaluation").str.replace("dppl_", "").str.replace("_pct", ""))
         .filter(_finite("dppl"))
-        if cols and table.height
+        if evaluations and rows.height
         else pl.DataFrame()
     )
     if long.height == 0:
-        _message_figure(out, title, "no RTN variant with a perplexity")
+        _message_figure(out, title, "no RTN or shipped-format variant with a perplexity")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sns.lineplot(
-        data=long.to_pandas(),
-        x="bits",
-        y="dppl",
-        hue="evaluation",
-        style="evaluation",
-        markers=True,
-        dashes=False,
-        ax=ax,
+    present = rows.filter(pl.col("variant").is_in(long["variant"].implode()))
+    groups = _bits_groups(present)
+    kinds = dict(zip(present["variant"], present["kind"], strict=True))
+    xs = _beside(groups, kinds)
+    long = long.with_columns(
+        pl.col("variant").replace_strict(xs, return_dtype=pl.Float64).alias("x")
     )
-    ax.invert_xaxis()
-    ax.set_xticks(sorted(set(long["bits"].to_list())))
+    markers = {"chunked": "o", "sliding": "X"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for evaluation in evaluations:
+        rtn = long.filter((pl.col("kind") == "RTN") & (pl.col("evaluation") == evaluation)).sort(
+            "x"
+        )
+        ax.plot(
+            rtn["x"],
+            rtn["dppl"],
+            color=KIND_COLOR["RTN"],
+            marker=markers[evaluation],
+            ls="-" if evaluation == "chunked" else "--",
+            lw=1.2,
+            ms=6,
+            zorder=2,
+        )
+        shipped = long.filter((pl.col("kind") != "RTN") & (pl.col("evaluation") == evaluation))
+        for r in shipped.iter_rows(named=True):
+            ax.scatter(
+                r["x"],
+                r["dppl"],
+                color=KIND_COLOR[r["kind"]],
+                marker=markers[evaluation],
+                s=45,
+                edgecolor="white",
+                linewidth=0.5,
+                zorder=3,
+            )
     ax.set_yscale("symlog", linthresh=1.0)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("RTN bit-width")
+    ticks = sorted({b for b, _ in groups if b is not None}, reverse=True)
+    labels = [str(b) for b in ticks]
+    if any(b is None for b, _ in groups):
+        ticks.append(min(ticks) - 1 if ticks else 0)
+        labels.append("\n".join(NO_BITS.rsplit(" ", 1)))
+    ax.set_xticks(ticks, labels)
+    ax.invert_xaxis()
+    # name the shipped formats at their first evaluation's point
+    fig.canvas.draw()
+    first = long.filter(pl.col("kind") != "RTN").unique(
+        "variant", keep="first", maintain_order=True
+    )
+    texts = [
+        ax.annotate(
+            r["variant"],
+            (r["x"], r["dppl"]),
+            xytext=(8, 8),
+            textcoords="offset points",
+            fontsize=7,
+            color=KIND_COLOR[r["kind"]],
+            va="bottom",
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 0.5},
+            arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.5, "shrinkA": 0},
+        )
+        for r in first.iter_rows(named=True)
+    ]
+    _declutter(fig, texts)
+    kinds_present = [k for k in BITS_KINDS if k in set(long["kind"])]
+    handles = [
+        Line2D([], [], color=KIND_COLOR[k], marker="s", ls="", label=k) for k in kinds_present
+    ]
+    handles += [
+        Line2D(
+            [],
+            [],
+            color="black",
+            marker=markers[e],
+            ls="-" if e == "chunked" else "--",
+            label=f"{e} perplexity",
+        )
+        for e in evaluations
+    ]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlabel("weight bit-width (shipped formats beside the RTN variant of their bits)")
     ax.set_ylabel("perplexity change vs FP (%)")
     ax.set_title(title)
     _save(fig, out)
 
 
-def perplexity_vs_damage(summary_path: str | Path, out: str | Path) -> None:
+def perplexity_vs_damage(
+    summary_path: str | Path, out: str | Path, variants: VariantBits | None = None
+) -> None:
     """Does the perplexity change reveal the feature damage? One point per variant:
     x = perplexity change (%) vs FP, y = % of active features not surviving."""
     summary = pl.read_parquet(summary_path).with_columns(pl.col("variant").cast(pl.String))
@@ -308,7 +469,7 @@ def perplexity_vs_damage(summary_path: str | Path, out: str | Path) -> None:
     # the RTN curve through its chunked points, bit-width order
     rtn = long.filter((pl.col("compression") == "RTN") & (pl.col("evaluation") == "chunked"))
     if rtn.height > 1:
-        order = _variant_order(rtn["variant"])
+        order = _variant_order(rtn["variant"], variants)
         pts = {r["variant"]: (r["dppl"], r["damaged"]) for r in rtn.iter_rows(named=True)}
         xs, ys = zip(*(pts[v] for v in order), strict=True)
         ax.plot(xs, ys, color=KIND_COLOR["RTN"], lw=1, alpha=0.5, zorder=1)
@@ -336,7 +497,7 @@ def perplexity_vs_damage(summary_path: str | Path, out: str | Path) -> None:
     labelled = long.sort("evaluation").unique("variant", keep="first", maintain_order=True)
     fig.canvas.draw()  # fix the limits so data -> pixel positions are final
     clusters: list[tuple[np.ndarray, tuple[float, float], list[str]]] = []
-    order = _variant_order(labelled["variant"])
+    order = _variant_order(labelled["variant"], variants)
     for r in sorted(labelled.iter_rows(named=True), key=lambda r: order.index(r["variant"])):
         xy = (r["dppl"], r["damaged"])
         px = ax.transData.transform(xy)
@@ -367,7 +528,10 @@ def perplexity_vs_damage(summary_path: str | Path, out: str | Path) -> None:
 
 
 def correlation_histograms(
-    features_path: str | Path, out: str | Path, params: Mapping[str, Any] | None = None
+    features_path: str | Path,
+    out: str | Path,
+    params: Mapping[str, Any] | None = None,
+    variants: VariantBits | None = None,
 ) -> None:
     """Histogram of per-feature r over active features, one facet per variant, colored by
     class; dashed lines at the class thresholds (``params``: the ``analysis`` slice)."""
@@ -382,7 +546,7 @@ def correlation_histograms(
     if features.height == 0:
         _message_figure(out, title, "no active feature with a correlation")
         return
-    order = _variant_order(features["variant"])
+    order = _variant_order(features["variant"], variants)
     bins = np.linspace(-1.0, 1.0, 81)
     fig, axes = _grid(len(order), max_cols=4, w=3.3, h=2.7)
     for ax, variant in zip(axes, order, strict=True):
@@ -415,7 +579,12 @@ def correlation_histograms(
     _save(fig, out)
 
 
-def roc_curves(oof_path: str | Path, predict_path: str | Path, out: str | Path) -> None:
+def roc_curves(
+    oof_path: str | Path,
+    predict_path: str | Path,
+    out: str | Path,
+    variants: VariantBits | None = None,
+) -> None:
     """Out-of-fold ROC curve of the survival predictor per variant; CV AUC in the legend."""
     from sklearn.metrics import roc_curve
 
@@ -423,15 +592,15 @@ def roc_curves(oof_path: str | Path, predict_path: str | Path, out: str | Path) 
     summary = pl.read_parquet(predict_path).with_columns(pl.col("variant").cast(pl.String))
     by_variant = {r["variant"]: r for r in summary.iter_rows(named=True)}
     title = "Survival predictor: out-of-fold ROC"
-    variants = [
+    shown = [
         v
-        for v in _variant_order([*oof["variant"], *summary["variant"]])
+        for v in _variant_order([*oof["variant"], *summary["variant"]], variants)
         if _kind(v) != KIND_LABEL["null"]
     ]
-    colors = _palette(variants)
+    colors = _palette(shown, variants)
     fig, ax = plt.subplots(figsize=(9, 5.5))
     skipped = []
-    for v in variants:
+    for v in shown:
         part = oof.filter((pl.col("variant") == v) & _finite("proba"))
         labels = part["label"].cast(pl.Boolean).to_numpy() if part.height else np.array([])
         if part.height == 0 or labels.all() or not labels.any():
@@ -470,11 +639,17 @@ def roc_curves(oof_path: str | Path, predict_path: str | Path, out: str | Path) 
 
 
 def _quantile_lines(
-    table: pl.DataFrame, predictors: list[str], q: int, title: str, xlabel, out: str | Path
+    table: pl.DataFrame,
+    predictors: list[str],
+    q: int,
+    title: str,
+    xlabel,
+    out: str | Path,
+    variants: VariantBits | None = None,
 ) -> None:
     table = _without_null(table.with_columns(pl.col("variant").cast(pl.String)))
-    order = _variant_order(table["variant"])
-    colors = _palette(order)
+    order = _variant_order(table["variant"], variants)
+    colors = _palette(order, variants)
     fig, axes = _grid(len(predictors), max_cols=4, w=3.4, h=3.4)
     for i, (ax, predictor) in enumerate(zip(axes, predictors, strict=True)):
         part = table.filter(pl.col("predictor") == predictor).with_columns(
@@ -502,7 +677,9 @@ def _quantile_lines(
     _save(fig, out)
 
 
-def survival_by_quartile(quantile_path: str | Path, out: str | Path) -> None:
+def survival_by_quartile(
+    quantile_path: str | Path, out: str | Path, variants: VariantBits | None = None
+) -> None:
     """Survival fraction per quartile of each FP predictor (facets), one line per variant."""
     table = pl.read_parquet(quantile_path).filter(pl.col("q") == 4)
     title = "Survival by predictor quartile"
@@ -519,10 +696,13 @@ def survival_by_quartile(quantile_path: str | Path, out: str | Path) -> None:
         title + " (bin 1 = lowest 25% of the predictor)",
         lambda p, _: f"{p} quartile",
         out,
+        variants,
     )
 
 
-def survival_by_firing_rate_decile(quantile_path: str | Path, out: str | Path) -> None:
+def survival_by_firing_rate_decile(
+    quantile_path: str | Path, out: str | Path, variants: VariantBits | None = None
+) -> None:
     """Survival fraction per decile of FP firing rate (deciles of rarity = -log rate)."""
     table = pl.read_parquet(quantile_path).filter(
         (pl.col("q") == 10) & (pl.col("predictor") == "rarity")
@@ -532,7 +712,7 @@ def survival_by_firing_rate_decile(quantile_path: str | Path, out: str | Path) -
     if table.height == 0:
         _message_figure(out, title, "no decile table for the 'rarity' predictor")
         return
-    order = _variant_order(table["variant"])
+    order = _variant_order(table["variant"], variants)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     sns.lineplot(
         data=table.with_columns((pl.col("survived_frac") * 100).alias("survived_pct")).to_pandas(),
@@ -540,7 +720,7 @@ def survival_by_firing_rate_decile(quantile_path: str | Path, out: str | Path) -
         y="survived_pct",
         hue="variant",
         hue_order=order,
-        palette=_palette(order),
+        palette=_palette(order, variants),
         marker="o",
         ax=ax,
     )
@@ -560,15 +740,19 @@ def survival_by_firing_rate_decile(quantile_path: str | Path, out: str | Path) -
     _save(fig, out)
 
 
-def coefficients(coef_path: str | Path, out: str | Path) -> None:
+def coefficients(
+    coef_path: str | Path, out: str | Path, variants: VariantBits | None = None
+) -> None:
     """Standardized logistic coefficients per predictor and variant, and each predictor's AUC alone."""
     table = _without_null(
         pl.read_parquet(coef_path).with_columns(pl.col("variant").cast(pl.String))
     )
-    order = _variant_order(table["variant"])
-    colors = _palette(order)
+    order = _variant_order(table["variant"], variants)
+    colors = _palette(order, variants)
     predictors = list(dict.fromkeys(table["predictor"].to_list()))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # wider with many variants: each predictor holds one bar per variant
+    width = 12 + 0.3 * max(0, len(order) - 6)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(width, 4.5))
     for ax, col, ylabel, ref in (
         (left, "coefficient", "coefficient per SD (log-odds of surviving)", 0.0),
         (right, "marginal_auc", "AUC of the predictor alone", 0.5),
@@ -606,17 +790,20 @@ def rtn_vs_pruning_scatter(
     overlap_path: str | Path,
     out: str | Path,
     params: Mapping[str, Any] | None = None,
+    variants: VariantBits | None = None,
 ) -> None:
-    """Per-feature damage (1 - r) of the RTN variant (x) vs its matched pruning variant (y),
-    one facet per overlap pair, with counts in each class cell and Spearman in the title;
-    the cells are cut at the class thresholds (``params``: the ``analysis`` slice)."""
+    """Per-feature damage (1 - r) of the RTN variant (x) vs the other variant of each overlap
+    pair (y): its matched pruning variant, or the shipped format at its bits. One facet per
+    pair (RTN variants in display order), with counts in each class cell and Spearman in
+    the title; the cells are cut at the class thresholds (``params``: the ``analysis`` slice)."""
     overlap = pl.read_parquet(overlap_path)
-    title = "Do RTN and pruning damage the same features?"
+    title = "Do two compressions damage the same features?"
     if overlap.height == 0 or not {"variant_a", "variant_b"} <= set(overlap.columns):
         _message_figure(
             out,
             title,
-            "no pruning pairs configured\n(add a matched-pruning variant or overlap.pairs)",
+            "no variant pairs configured\n(add a matched-pruning variant, a shipped format\n"
+            "at an RTN bit-width, or overlap.pairs)",
         )
         return
     features = (
@@ -632,6 +819,7 @@ def rtn_vs_pruning_scatter(
             a, b = b, a
         pairs.append((a, b, r.get("spearman"), r.get("jaccard_nonsurviving")))
         # null Jaccard: neither variant damaged anything (undefined, not agreement)
+    pairs.sort(key=lambda p: (variant_order_key(p[0], variants), variant_order_key(p[1], variants)))
     fig, axes = _grid(len(pairs), max_cols=3, w=3.8, h=3.8)
     cuts = damage_cuts(params)  # damage 1 - survived and 1 - destroyed (0.1 and 0.5 by default)
     for ax, (a, b, rho, jac) in zip(axes, pairs, strict=True):
@@ -693,7 +881,9 @@ def rtn_vs_pruning_scatter(
     _save(fig, out)
 
 
-def stability(stability_path: str | Path, out: str | Path) -> None:
+def stability(
+    stability_path: str | Path, out: str | Path, variants: VariantBits | None = None
+) -> None:
     """Survival share vs token-budget fraction per variant; random subsets as extra points."""
     table = pl.read_parquet(stability_path).with_columns(pl.col("variant").cast(pl.String))
     title = "Is the token set large enough? Survival vs token budget"
@@ -703,8 +893,8 @@ def stability(stability_path: str | Path, out: str | Path) -> None:
     if table.height == 0:
         _message_figure(out, title, "no stability rows (no token budgets or subsets)")
         return
-    order = _variant_order(table["variant"])
-    colors = _palette(order)
+    order = _variant_order(table["variant"], variants)
+    colors = _palette(order, variants)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     if budgets.height:
         sns.lineplot(

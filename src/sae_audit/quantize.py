@@ -15,11 +15,26 @@ import torch
 
 @dataclass(frozen=True)
 class RTNSpec:
-    """How to quantize: bit-width, symmetry and group size (None = whole row)."""
+    """How to quantize: bit-width, symmetry, group size (None = whole row) and range convention.
+
+    full_range picks the symmetric grid (it only applies to symmetric quantization):
+
+    - False (default, the reference study's "narrow" grid): codes in +-(2^(b-1) - 1), 2^b - 1
+      levels, scale = max|w| / (2^(b-1) - 1) (int4: /7). The code -2^(b-1) is never produced.
+    - True (the compressed-tensors / GPTQ convention): scale = max|w| / ((2^b - 1) / 2)
+      (int4: /7.5), codes clamp(round(w / scale), -2^(b-1), 2^(b-1) - 1): 2^b levels, and the
+      positive max|w| (which rounds to 2^(b-1)) is clipped to 2^(b-1) - 1. Scales and
+      dequantized weights are bit-identical to compressed-tensors' calculate_qparams +
+      fake_quantize in float32 (all-zero groups: scale 1 here, float32 eps there; both give 0).
+
+    Asymmetric quantization always uses all 2^b levels, so full_range=True with
+    symmetric=False is rejected.
+    """
 
     bits: int
     symmetric: bool = True
     group_size: int | None = None
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 16:
@@ -27,6 +42,11 @@ class RTNSpec:
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(
                 f"group_size must be a positive integer or None, got {self.group_size}"
+            )
+        if self.full_range and not self.symmetric:
+            raise ValueError(
+                "full_range=True only applies to symmetric quantization (asymmetric RTN "
+                "already uses all 2^bits levels); use symmetric=True or full_range=False"
             )
 
     @property
@@ -71,9 +91,13 @@ class QuantizedTensor:
 def quantize_rtn(weight: torch.Tensor, spec: RTNSpec) -> QuantizedTensor:
     """Quantize a 2-D [out, in] weight; computed in float32 whatever the weight's dtype.
 
-    Symmetric: scale = max|w| / qmax per (row, group), codes clamp(round(w/scale), qmin, qmax).
-    Asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale), codes in 0..2^b-1,
-    with the range widened to include 0 so zero weights stay exactly zero.
+    Symmetric: scale = max|w| / d per (row, group), codes clamp(round(w/scale), qmin, qmax),
+    with d = qmax = 2^(b-1) - 1 (narrow, the default) or d = (2^b - 1) / 2 (spec.full_range,
+    the compressed-tensors/GPTQ grid; see RTNSpec).
+    Asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale), codes
+    clamp(round(w/scale) + zero, 0, 2^b - 1), with the range widened to include 0 so zero
+    weights stay exactly zero. Scale, zero point and codes equal compressed-tensors' bit for
+    bit (its rounding order: w/scale + zero point, rounded once).
     All-zero rows (or groups) get scale 1 and codes 0: they dequantize to exact zeros.
     """
     if weight.dim() != 2:
@@ -87,7 +111,10 @@ def quantize_rtn(weight: torch.Tensor, spec: RTNSpec) -> QuantizedTensor:
     padded = torch.nn.functional.pad(w, (0, pad)) if pad else w
     grouped = padded.view(out, n_groups, group)
     if spec.symmetric:
-        scale = grouped.abs().amax(dim=-1) / spec.qmax
+        # Full range divides by (qmax - qmin) / 2 as a float, as compressed-tensors'
+        # calculate_qparams does (int4: 7.5; exact in float32 for every allowed bit-width).
+        divisor = (spec.qmax - spec.qmin) / 2 if spec.full_range else spec.qmax
+        scale = grouped.abs().amax(dim=-1) / divisor
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = torch.clamp(torch.round(grouped / scale.unsqueeze(-1)), spec.qmin, spec.qmax)
         zero = None
@@ -96,10 +123,15 @@ def quantize_rtn(weight: torch.Tensor, spec: RTNSpec) -> QuantizedTensor:
         hi = grouped.amax(dim=-1).clamp(min=0.0)
         scale = (hi - lo) / spec.qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.round(-lo / scale)
-        codes = torch.clamp(
-            torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1), spec.qmin, spec.qmax
-        )
+        # compressed-tensors' arithmetic, in its signed codes: round(w/scale + zp) with
+        # zp = round(-2^(b-1) - min/scale), then shifted to 0..2^b-1. Rounding w/scale first
+        # and adding the zero point after would break ties (w/scale = k + 1/2) the other way
+        # whenever the zero point is odd.
+        offset = 2 ** (spec.bits - 1)
+        signed_zero = torch.clamp(torch.round(-offset - lo / scale), -offset, offset - 1)
+        signed = torch.round(grouped / scale.unsqueeze(-1) + signed_zero.unsqueeze(-1))
+        codes = torch.clamp(signed, -offset, offset - 1) + offset
+        zero = signed_zero + offset
     codes = codes.view(out, -1)[:, :cols].to(spec.code_dtype)
     return QuantizedTensor(codes=codes.contiguous(), scale=scale, zero=zero, group_size=group)
 

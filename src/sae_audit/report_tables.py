@@ -1,24 +1,64 @@
 """Result tables as the Snakemake report shows them: an HTML page (the report renders
 only images, PDF and HTML inline) and a CSV to download.
 
-``sae-audit report-tables --input T.parquet --out T.html T.csv`` calls ``report_table``
-once per form; the workflow's rule ``report_tables`` (workflow/rules/plots.smk) runs it
-for every table in ``REPORT_TABLES`` (workflow/rules/common.smk).
+``sae-audit report-tables --input T.parquet --out T.html T.csv [--variants JSON]`` calls
+``report_table`` once per form; the workflow's rule ``report_tables``
+(workflow/rules/plots.smk) runs it for every table in ``REPORT_TABLES``
+(workflow/rules/common.smk), with the weight bits per variant (``config.variant_bits``).
+
+Rows come in the figures' variant order (``figures.variant_order``: most bits first, each
+shipped format right after the RTN variant of its bits, then the variants without bits),
+and a table with one variant per row gains a ``bits`` column beside ``variant``.
 """
 
 from __future__ import annotations
 
 import html
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import polars as pl
 
+from .figures import VariantBits, variant_bits, variant_order
 
-def report_table(table_path: str | Path, out: str | Path, max_rows: int = 5000) -> None:
+# Columns naming the two variants of a pair-wise table (overlap, equal_bits).
+PAIR_COLUMNS = (("variant_a", "variant_b"), ("rtn_variant", "shipped_variant"))
+
+
+def in_variant_order(table: pl.DataFrame, variants: VariantBits | None = None) -> pl.DataFrame:
+    """Rows sorted (stably) by variant in display order; with a ``variant`` column, a
+    ``bits`` column after it (null for FP and variants without weight bits). Pair-wise
+    tables sort by their two variants. Any other table is returned as it is."""
+    columns = next(
+        (pair for pair in (("variant",), *PAIR_COLUMNS) if set(pair) <= set(table.columns)), None
+    )
+    if columns is None or table.height == 0:
+        return table
+    names = [str(v) for c in columns for v in table[c].unique().drop_nulls()]
+    rank = {n: i for i, n in enumerate(variant_order(names, variants))}
+    keys = [
+        pl.col(c).cast(pl.String).replace_strict(rank, default=len(rank), return_dtype=pl.Int64)
+        for c in columns
+    ]
+    table = table.sort(keys, maintain_order=True)
+    if columns != ("variant",) or "bits" in table.columns:
+        return table
+    bits = [variant_bits(str(v), variants) if v is not None else None for v in table["variant"]]
+    at = table.columns.index("variant") + 1
+    return table.insert_column(at, pl.Series("bits", bits, dtype=pl.Int64))
+
+
+def report_table(
+    table_path: str | Path,
+    out: str | Path,
+    max_rows: int = 5000,
+    variants: Mapping[str, int | None] | None = None,
+) -> None:
     """A result table as CSV (``out`` ends in .csv) or as a standalone HTML table (.html),
-    the form the Snakemake report shows inline."""
-    table = pl.read_parquet(table_path)
+    the form the Snakemake report shows inline; rows in variant order (``variants``: the
+    weight bits per variant, ``config.variant_bits``)."""
+    table = in_variant_order(pl.read_parquet(table_path), variants)
     # nested columns (lists, structs) have no CSV form: write them as text
     table = table.with_columns(
         pl.col(c).map_elements(str, return_dtype=pl.String)

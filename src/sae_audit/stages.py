@@ -147,20 +147,54 @@ def tokenize(
 
 
 @stage
+def tokenize_calibration(
+    *,
+    calibration: Mapping[str, Any],
+    tokenizer: str,
+    text: Paths | None = None,
+    tokens: Paths,
+    out: str | Path,
+) -> dict[str, Any]:
+    """The calibration token set of llm-compressor variants (`models.<name>.calibration`),
+    one file, checked to share no window with the evaluation token shards `tokens`."""
+    from .tokens import TokenSetConfig, build_token_set, check_disjoint, load_documents
+    from .tokens import load_tokenizer as load_tok
+
+    cfg = section(TokenSetConfig, calibration)
+    documents = load_documents(dict(calibration), [str(p) for p in text or []])
+    log.info("%d documents from calibration.source=%s", len(documents), calibration.get("source"))
+    info = build_token_set(documents, load_tok(tokenizer), cfg, [out])
+    try:
+        check_disjoint(load_token_ids([out]), load_token_ids(list(tokens)), what=str(out))
+    except ValueError:
+        Path(out).unlink()  # a calibration set that overlaps is not left for a rerun to use
+        raise
+    log.info("calibration set: %s", info)
+    return info
+
+
+@stage
 def compress(
     *,
     model: ModelSpec | Mapping[str, Any],
     base: str,
     variant: str,
     matched: Paths | None = None,
+    entry: Mapping[str, Any] | None = None,
+    calibration: Paths | None = None,
     out: str | Path,
 ) -> str:
     """One variant's checkpoint from the base model; `matched` is the search result
-    (at most one file) that gives a matched-pruning variant its sparsity."""
+    (at most one file) that gives a matched-pruning variant its sparsity.
+
+    Shipped formats (lc-, gguf-, ext-) take their config `entry` (compression.<section>.<key>);
+    llm-compressor variants also the calibration token set (`calibration`).
+    """
     from .checkpoints import read_manifest, write_checkpoint
     from .models import ModelSpec
 
     spec = section(ModelSpec, model)
+    calibration_ids = load_token_ids(list(calibration)) if calibration else None
     searches = list(matched or [])
     if len(searches) > 1:
         raise ValueError(f"compress: at most one matched-search result, got {searches}")
@@ -171,7 +205,14 @@ def compress(
         sparsity = float(search["sparsity"])
         extra["matched_search"] = search
     path = write_checkpoint(
-        base, variant, out, revision=spec.revision, sparsity=sparsity, extra=extra
+        base,
+        variant,
+        out,
+        revision=spec.revision,
+        sparsity=sparsity,
+        extra=extra,
+        entry=dict(entry) if entry else None,
+        calibration=calibration_ids,
     )
     log.info("wrote %s (%s)", path, read_manifest(path)["method"])
     return str(path)
@@ -586,6 +627,40 @@ def reference_comparison(
         read_parquet(perplexity),
         read_parquet(tables / "predict.parquet"),
         read_parquet(tables / "overlap.parquet"),
+    )
+    write_parquet(table, out)
+    return table
+
+
+@stage
+def equal_bits(
+    *,
+    damaged_contexts: ContextConfig | Mapping[str, Any],
+    pairs: list[list[str]],
+    features: str | Path,
+    fp: Paths,
+    codes: Mapping[str, Paths],
+    tokens: Paths,
+    tokenizer: str,
+    expect: Mapping[str, Any] | None = None,
+    out: str | Path,
+) -> pl.DataFrame:
+    """Per (RTN, shipped) pair at the same bits: the features the shipped format saves that
+    RTN destroys and back, with their top FP contexts (`damaged_contexts.n_features` each)."""
+    from .damaged_contexts import ContextConfig
+    from .equal_bits import equal_bits as compare
+    from .tokens import load_tokenizer
+
+    table = compare(
+        _by_variant(features),
+        pairs,
+        fp,
+        codes,
+        load_token_ids(tokens),
+        load_tokenizer(tokenizer),
+        section(ContextConfig, damaged_contexts),
+        expect=Expected.from_dict(expect),
+        check_variants=True,
     )
     write_parquet(table, out)
     return table

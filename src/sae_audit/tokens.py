@@ -316,3 +316,27 @@ def build_token_set(
 def load_token_ids(paths: Sequence[str | Path]) -> np.ndarray:
     """All sequences of the given shards, in order, as [n_seq, seq_len]."""
     return np.concatenate([read_token_shard(p)[1] for p in paths], axis=0)
+
+
+def check_disjoint(
+    calibration: np.ndarray, evaluation: np.ndarray, window: int = 64, what: str = "calibration"
+) -> None:
+    """ValueError when any `window` consecutive calibration tokens also occur in the evaluation
+    tokens: calibrating on evaluation text would flatter the compressed model.
+
+    Both are read as one stream each (their sequences are consecutive chunks of one text).
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    def windows(ids: np.ndarray) -> set[bytes]:
+        stream = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+        if len(stream) < window:
+            return set()
+        return {w.tobytes() for w in sliding_window_view(stream, window)}
+
+    shared = windows(calibration) & windows(evaluation)
+    if shared:
+        raise ValueError(
+            f"{what}: {len(shared)} windows of {window} calibration tokens also occur in the "
+            "evaluation token set; calibrate on other text (models.<name>.calibration)"
+        )

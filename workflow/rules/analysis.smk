@@ -216,6 +216,40 @@ rule damaged_contexts:
         "--tokenizer {params.tokenizer:q} --out {output.parquet:q} > {log:q} 2>&1"
 
 
+# Per (RTN, shipped) pair at the same weight bits (config.equal_bits_pairs): the features
+# the shipped format saves that RTN destroys and back, with their top FP contexts.
+rule equal_bits:
+    input:
+        features=f"{R}/tables/{{model}}/{{sae}}/features.parquet",
+        fp=lambda w: code_dirs(w.model, "fp"),
+        codes=lambda w: [d for v in VARIANTS for d in code_dirs(w.model, v)],
+        tokens=token_dir,
+        model=base_model_input,
+    output:
+        f"{R}/tables/{{model}}/{{sae}}/equal_bits.parquet",
+    log:
+        f"{R}/logs/equal_bits/{{model}}/{{sae}}.log",
+    benchmark:
+        f"{R}/benchmarks/equal_bits/{{model}}/{{sae}}.tsv"
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        pairs=dumps([list(p) for p in audit_config.equal_bits_pairs(config)]),
+        fp=lambda w: code_files(w.model, "fp", w.sae),
+        codes=lambda w: [
+            f"{v}={p}" for v in VARIANTS for p in code_files(w.model, v, w.sae)
+        ],
+        tokens=lambda w: token_files(w.model),
+        tokenizer=tokenizer_source,
+        damaged_contexts=dumps(config["damaged_contexts"]),
+        expect=lambda w: shard_expectation(w.model, w.sae),
+    shell:
+        "sae-audit equal-bits --damaged-contexts {params.damaged_contexts:q} --pairs {params.pairs:q} "
+        "--expect {params.expect:q} --features {input.features:q} --fp {params.fp:q} --codes {params.codes:q} "
+        "--tokens {params.tokens:q} --tokenizer {params.tokenizer:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule reference_comparison:
     input:
         reference=lambda w: reference_path(w.model),

@@ -18,7 +18,7 @@ wildcard_constraints:
     sae="|".join(
         sorted({re.escape(s) for m in MODELS for s in config["models"][m]["saes"]})
     ),
-    variant="[A-Za-z0-9.-]+",
+    variant="[A-Za-z0-9._-]+",
     shard=r"\d+",
 
 
@@ -124,7 +124,8 @@ def shard_expectation(model, sae=None):
     }
     if sae is not None:
         expect.update(
-            sae=sae, config_hash=encode_hash(m["model"], config["encode"], m["saes"][sae])
+            sae=sae,
+            config_hash=encode_hash(m["model"], config["encode"], m["saes"][sae]),
         )
     return dumps(expect)
 
@@ -155,8 +156,49 @@ def basis_targets(model, sae):
             "stability",
             "threshold_grid",
             "damaged_contexts",
+            "equal_bits",
         )
     ] + figure_targets(model, sae)
+
+
+def shipped_entry(wildcards):
+    """The config entry (compression.<section>.<key>) of a shipped-format variant, as JSON;
+    'null' for every other variant, so editing an entry re-makes only its own variant.
+    """
+    found = audit_config.shipped_entry(config, wildcards.variant)
+    return dumps(found[1] if found else None)
+
+
+def calibration_input(wildcards):
+    """The calibration token set, for the variants llm-compressor fits."""
+    if wildcards.variant in audit_config.calibrated_variants(config):
+        return [calibration_file(wildcards.model)]
+    return []
+
+
+def compress_gpu(wildcards):
+    """llm-compressor's calibration runs on a GPU where the forward passes do."""
+    calibrated = wildcards.variant in audit_config.calibrated_variants(config)
+    return int(calibrated and config["encode"]["device"] != "cpu")
+
+
+def calibration_file(model):
+    return f"{R}/calibration/{model}/tokens.parquet"
+
+
+def external_input(wildcards):
+    """An external artifact is an input: replacing it re-runs its variant."""
+    found = audit_config.shipped_entry(config, wildcards.variant)
+    if found and found[0] == "external":
+        return [found[1]["source"]]
+    return []
+
+
+def calibration_text_inputs(wildcards):
+    calibration = model_cfg(wildcards.model)["calibration"]
+    if calibration["source"] == FIXTURE:
+        return [f"{R}/fixture/corpus/train.txt"]
+    return calibration["paths"]
 
 
 def matched_input(wildcards):
@@ -196,6 +238,7 @@ REPORT_TABLES = [
     "overlap",
     "threshold_grid",
     "damaged_contexts",
+    "equal_bits",
 ]
 
 

@@ -5,6 +5,8 @@ rule compress:
     input:
         model=base_model_input,
         matched=matched_input,
+        calibration=calibration_input,
+        external=external_input,
     output:
         directory(f"{R}/checkpoints/{{model}}/{{variant}}"),
     log:
@@ -17,6 +19,7 @@ rule compress:
     resources:
         mem_mb=model_mem_mb,
         runtime=model_runtime,
+        gpu=compress_gpu,
     params:
         base=base_model,
         # compress reads the base in float32 whatever the run dtype: dtype and attention
@@ -24,9 +27,11 @@ rule compress:
         model=lambda w: dumps(
             {k: model_cfg(w.model)["model"][k] for k in ("source", "revision")}
         ),
+        entry=shipped_entry,
     shell:
         "sae-audit compress --model {params.model:q} --base {params.base:q} --variant {wildcards.variant:q} "
-        "--matched {input.matched:q} --out {output:q} > {log:q} 2>&1"
+        "--matched {input.matched:q} --entry {params.entry:q} --calibration {input.calibration:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule match_sparsity:

@@ -5,7 +5,9 @@
 # plot_NAME per figure, made in this loop, reading the figure's registered tables and
 # calling `sae-audit plot NAME`, i.e. sae_audit.plots.NAME, captioned with
 # workflow/report/NAME.rst. Figures that draw the class thresholds get the `analysis`
-# config slice (so changed thresholds re-draw them); the others get "{}".
+# config slice (so changed thresholds re-draw them); the others get "{}". Every figure
+# gets the weight bits per variant (config.variant_bits): the order and grouping of the
+# variants it draws, shipped formats beside RTN at the same bits.
 # (A single rule with a {figure} wildcard cannot caption each figure: report()
 # takes one fixed caption file per rule.) Seconds-long jobs: local, not queued.
 for fig in FIGURE_REGISTRY.values():
@@ -32,14 +34,15 @@ for fig in FIGURE_REGISTRY.values():
         params:
             figure=fig.name,
             analysis=dumps(config["analysis"]) if fig.thresholds else "{}",
+            variants=dumps(audit_config.variant_bits(config)),
         shell:
             "sae-audit plot {params.figure:q} --analysis {params.analysis:q} "
-            "--inputs {input:q} --out {output:q} > {log:q} 2>&1"
+            "--variants {params.variants:q} --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 # The main result tables, once per table: an HTML page the report shows inline
 # (the report only renders images, PDF and HTML) and a CSV to download
-# (sae_audit.report_tables).
+# (sae_audit.report_tables), rows in the figures' variant order with a bits column.
 rule report_tables:
     input:
         lambda w: report_table_source(w.model, w.sae, w.table),
@@ -67,5 +70,8 @@ rule report_tables:
     localrule: True
     conda:
         "../../envs/analysis.yaml"
+    params:
+        variants=dumps(audit_config.variant_bits(config)),
     shell:
-        "sae-audit report-tables --input {input:q} --out {output.html:q} {output.csv:q} > {log:q} 2>&1"
+        "sae-audit report-tables --input {input:q} --out {output.html:q} {output.csv:q} "
+        "--variants {params.variants:q} > {log:q} 2>&1"
