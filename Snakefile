@@ -35,6 +35,7 @@ include: "workflow/rules/fixture.smk"
 include: "workflow/rules/tokens.smk"
 include: "workflow/rules/compress.smk"
 include: "workflow/rules/encode.smk"
+include: "workflow/rules/diagnostics.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/plots.smk"
 

@@ -68,3 +68,26 @@ def test_checkpoint_in_bfloat16_casts_after_float32_math(gpt_neox_dir, tmp_path)
     name, param = next(iter(target_weights(model)))
     expected = fake_quantize(fp.get_parameter(name), RTNSpec(bits=5)).to(torch.bfloat16)
     assert param.dtype == torch.bfloat16 and torch.equal(param, expected)
+
+
+@pytest.mark.parametrize(("run", "noise"), [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_noise_null_runs_the_fp_weights_in_the_other_dtype(gpt_neox_dir, tmp_path, run, noise):
+    from sae_audit import stages
+    from sae_audit.files import InputError
+
+    ckpt = stages.compress(
+        model={"source": str(gpt_neox_dir), "dtype": run}, base=str(gpt_neox_dir),
+        variant="fp-noise", out=tmp_path / "fp-noise",
+    )  # fmt: skip
+    manifest = json.loads((tmp_path / "fp-noise" / "manifest.json").read_text())
+    assert manifest["method"] == {"kind": "noise", "run_dtype": run, "dtype": noise}
+    assert load_file(f"{ckpt}/{TENSORS}") == {}  # nothing stored: the FP weights themselves
+    model = load_checkpoint(ckpt, dtype=run)
+    fp = load_model(gpt_neox_dir)
+    for key, value in fp.state_dict().items():
+        assert model.state_dict()[key].dtype == getattr(torch, noise), key
+        assert torch.equal(model.state_dict()[key], value.to(getattr(torch, noise))), key
+    # a job in another run dtype would silently run the noise null in its own dtype: refused
+    other = "float16" if run == "float32" else "float32"
+    with pytest.raises(InputError, match=f"made for run dtype '{run}'.*runs in '{other}'"):
+        load_checkpoint(ckpt, dtype=other)

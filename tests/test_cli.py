@@ -79,6 +79,9 @@ def test_every_rule_command_parses_with_the_generated_flags(tmp_path):
     def shipped(cfg):  # shipped formats plan the calibration and their compress flags too
         cfg["compression"]["llmcompressor"] = {"w4": {"scheme": "W4A16", "method": "gptq"}}
         cfg["compression"]["gguf"] = {"q8_0": {"type": "Q8_0"}}
+        # and a model on the planted control plans fixture_reparam
+        planted = {"model": {"source": "fixture-reparam"}}
+        cfg["models"]["planted"] = {**cfg["models"]["fixture"], **planted}
 
     proc = snakemake(tmp_path, edited_config(tmp_path, "shipped", shipped), "-n", "-p")
     commands = [

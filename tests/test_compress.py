@@ -137,8 +137,12 @@ def test_gguf_variant_loads_the_dequantized_weights(gpt_neox_dir, tmp_path):
         assert torch.equal(p, q[name]) != (name in blocks), name
 
 
-def test_external_artifacts_of_the_base_model_load_as_their_variant(gpt_neox_dir, tmp_path):
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_external_artifacts_of_the_base_model_load_as_their_variant(family, tmp_path):
     from sae_audit.gguf_checkpoint import write_gguf
+    from tests.conftest import save_tiny_model
+
+    gpt_neox_dir = save_tiny_model(family, tmp_path / "base", hidden=64)  # GGUF rows: 32s
 
     # a compressed-tensors directory and a GGUF file, as another team would hand them over
     made = stages.compress(

@@ -23,13 +23,16 @@ from sae_audit.damaged_contexts import ContextConfig
 from sae_audit.encode import EncodeConfig
 from sae_audit.fixture.corpus import CorpusConfig
 from sae_audit.fixture.model import ModelTrainConfig
+from sae_audit.fixture.reparam import ReparamConfig
 from sae_audit.fixture.sae import SAETrainConfig
 from sae_audit.fixture.tokenizer import TokenizerConfig
 from sae_audit.match_sparsity import MatchedConfig
 from sae_audit.models import ModelSpec
+from sae_audit.outliers import OutliersConfig
 from sae_audit.overlap import OverlapConfig
 from sae_audit.perplexity import PerplexityConfig
 from sae_audit.predict import PredictConfig
+from sae_audit.seed_turnover import SeedTurnoverConfig
 from sae_audit.stability import StabilityConfig
 from sae_audit.survival import SurvivalConfig
 from sae_audit.threshold_grid import ThresholdGridConfig
@@ -42,6 +45,7 @@ SECTIONS: list[type[ConfigSection]] = [
     TokenizerConfig,
     ModelTrainConfig,
     SAETrainConfig,
+    ReparamConfig,
     ModelSpec,
     DocumentSpec,
     TokenSetConfig,
@@ -54,6 +58,8 @@ SECTIONS: list[type[ConfigSection]] = [
     ContextConfig,
     PerplexityConfig,
     OverlapConfig,
+    OutliersConfig,
+    SeedTurnoverConfig,
 ]
 
 # Fields with no schema default, each for a reason the schema states.
@@ -87,6 +93,7 @@ UNREAD = {
     "compression.prune.sparsities",
     "compression.prune.matched.targets",  # one MatchedConfig per target
     "stability.null_run",  # config.variant_names: adds the fp-null variant
+    "stability.noise_null",  # config.variant_names: adds the fp-noise variant
     # the calibration set has the token set's keys: tokenize_calibration reads it with
     # TokenSetConfig / DocumentSpec (from_dict on the validated dict, its own defaults)
     *(

@@ -11,6 +11,7 @@ from sae_audit.correlate import (
     SufficientSums,
     accumulate_pair,
     correlate_variant,
+    fisher_interval,
     pearson_from_sums,
 )
 
@@ -39,9 +40,12 @@ def test_pearson_from_sparse_shards_equals_corrcoef(tmp_path: Path) -> None:
     assert out.columns == [
         "feature",
         "r",
+        "r_lo",
+        "r_hi",
         "flag",
         "fp_fire_count",
         "variant_fire_count",
+        "n_support",
         "n_tokens",
     ]
     r = out["r"].to_numpy()
@@ -59,6 +63,12 @@ def test_pearson_from_sparse_shards_equals_corrcoef(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out["variant_fire_count"].to_numpy(), (y > 0).sum(axis=0))
     assert out["variant_fire_count"][1] == 600 and out["fp_fire_count"][2] == 600
     assert (out["n_tokens"] == 600).all()
+    # support: the tokens where the feature is nonzero in FP or in the variant, by hand
+    np.testing.assert_array_equal(out["n_support"].to_numpy(), ((x != 0) | (y != 0)).sum(axis=0))
+    assert out["n_support"][3] == (y[:, 3] != 0).sum() > 0  # FP-silent: the variant's alone
+    lo, hi = out["r_lo"].to_numpy(), out["r_hi"].to_numpy()
+    assert np.all(lo <= r) and np.all(r <= hi) and np.all(lo >= -1) and np.all(hi <= 1)
+    assert not (np.isnan(lo).any() or np.isnan(hi).any())
 
 
 def test_accumulate_pair_sums_equal_dense(tmp_path: Path) -> None:
@@ -71,6 +81,41 @@ def test_accumulate_pair_sums_equal_dense(tmp_path: Path) -> None:
     np.testing.assert_allclose(sums.sum_xy, (x * y).sum(axis=0), rtol=1e-12)
     np.testing.assert_allclose(sums.sum_x2, (x * x).sum(axis=0), rtol=1e-12)
     np.testing.assert_allclose(sums.sum_y, y.sum(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(sums.n_support, ((x != 0) | (y != 0)).sum(axis=0))
+
+
+def test_support_is_the_union_of_the_two_sparse_supports(tmp_path: Path) -> None:
+    """Planted supports: FP fires on tokens {0..9}, the variant on {5..19} -> union 20."""
+    n = 64
+    x, y = np.zeros((n, 2)), np.zeros((n, 2))
+    x[0:10, 0], y[5:20, 0] = 1.0, 2.0
+    x[[1, 7, 40], 1] = [1.0, 2.0, 3.0]  # feature 1: FP only, 3 tokens
+    (fp,) = write_dense(tmp_path, "fp", x, n_shards=1)
+    (var,) = write_dense(tmp_path, "v", y, n_shards=1)
+    sums = SufficientSums(d_sae=2)
+    accumulate_pair(fp, var, sums, batch_rows=5)
+    assert sums.n_support.tolist() == [20, 3]
+
+
+def test_fisher_interval_widens_with_less_support() -> None:
+    r = np.full(4, 0.95)
+    lo, hi = fisher_interval(r, np.array([3, 4, 100, 3000]), 0.95)
+    assert (lo[0], hi[0]) == (-1.0, 1.0)  # n <= 3: no evidence at all
+    assert np.all(lo <= r) and np.all(r <= hi)
+    assert np.all(np.diff(hi - lo) < 0)  # narrower with every step of support
+    # the textbook interval at n = 3000: tanh(atanh(0.95) -+ 1.959964 / sqrt(2997))
+    half = 1.959964 / np.sqrt(2997)
+    np.testing.assert_allclose(
+        [lo[3], hi[3]], np.tanh(np.arctanh(0.95) + np.array([-half, half])), rtol=1e-6
+    )
+    # confidence 0: the point; |r| = 1 with support: the point
+    lo0, hi0 = fisher_interval(r, np.array([3, 4, 100, 3000]), 0.0)
+    np.testing.assert_array_equal(lo0, r)
+    np.testing.assert_array_equal(hi0, r)
+    lo1, hi1 = fisher_interval(np.array([1.0, -1.0, 0.0]), np.array([50, 50, 50]), 0.95)
+    assert lo1[0] == hi1[0] == 1.0 and lo1[1] == hi1[1] == -1.0 and lo1[2] < 0 < hi1[2]
+    with pytest.raises(ValueError, match="confidence"):
+        fisher_interval(r, np.array([5, 5, 5, 5]), 1.0)
 
 
 def test_zero_variance_features_are_flagged_not_nan() -> None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from sae_audit.damaged_contexts import ContextConfig, damaged_contexts, render_context
+from sae_audit.damaged_contexts import (
+    ContextConfig,
+    damaged_contexts,
+    most_damaged,
+    render_context,
+)
 
 from .conftest import write_dense
 
@@ -58,3 +63,18 @@ def test_damaged_contexts_picks_most_damaged_and_reads_variant_values(tmp_path):
     assert (
         table["context"][0] == "opq⟦r⟧st"
     )  # 3 tokens of left context, right side cut at the sequence end
+
+
+def test_most_damaged_passes_over_insufficient_features():
+    features = pl.DataFrame(
+        {
+            "variant": ["v"] * 4,
+            "feature": [0, 1, 2, 3],
+            "active": [True, True, True, True],
+            "r": [0.1, 0.2, 0.3, 0.95],
+            "class": ["insufficient", "destroyed", "destroyed", "survived"],
+        }
+    )
+    assert most_damaged(features, 2)["feature"].to_list() == [1, 2]
+    # without classes (equal_bits' probe) every active feature is a candidate
+    assert most_damaged(features.drop("class"), 2)["feature"].to_list() == [0, 1]

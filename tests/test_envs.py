@@ -81,6 +81,9 @@ MODEL_RULES = {
     "match_sparsity",
     "encode",
     "sliding_perplexity",
+    "fixture_reparam",
+    "fixture_sae_twin",
+    "outliers",
 }
 
 

@@ -50,10 +50,13 @@ MODEL_STAGES = {
     "match_sparsity",
     "encode",
     "sliding_perplexity",
+    "outliers",
     "fixture_corpus",
     "fixture_tokenizer",
     "fixture_model",
     "fixture_sae",
+    "fixture_sae_twin",
+    "fixture_reparam",
 }
 
 

@@ -16,9 +16,10 @@ PAPER = ROOT / "config" / "paper.yaml"
 def test_paper_config_plans_the_whole_study_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     jobs = planned_jobs(snakemake(tmp_path, PAPER, "-n"))
-    # 2 models x (fp + 5 RTN + matched + null) checkpoints; encode per (variant, shard): 8 x (6 + 8).
-    assert jobs["compress"] == 16
-    assert jobs["encode"] == 8 * 6 + 8 * 8
+    # 2 models x (fp + 5 RTN + matched + null + noise) checkpoints; encode per
+    # (variant, shard): 9 x (6 + 8).
+    assert jobs["compress"] == 18
+    assert jobs["encode"] == 9 * 6 + 9 * 8
     assert jobs["match_sparsity"] == 2 and jobs["reference_comparison"] == 2
     assert "fixture_model" not in jobs  # the demo config does not leak into a named one
 

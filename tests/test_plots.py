@@ -199,6 +199,10 @@ def _overlap() -> pl.DataFrame:
                 "n_destroyed_a": 5,
                 "n_destroyed_b": 6,
                 "jaccard_destroyed": 0.6,
+                # the baselines: the null variant's Spearman, chance Jaccard and p-value
+                "spearman_null": 0.41 if s == s else None,
+                "jaccard_nonsurviving_chance": 0.12,
+                "jaccard_nonsurviving_p": 3e-5,
             }
             for a, s in (("rtn-int8", float("nan")), ("rtn-int4", 0.95))
         ]
@@ -243,6 +247,7 @@ def _threshold_grid(features: pl.DataFrame) -> pl.DataFrame:
                     "destroyed": int((r < lo).sum()),
                 }
                 counts["blurred"] = r.len() - counts["survived"] - counts["destroyed"]
+                counts["insufficient"] = 0
                 rows.append(
                     {
                         "variant": v,
@@ -269,6 +274,32 @@ def _equal_bits() -> pl.DataFrame:
          "context_rank": 1, "token": 10, "context": "the ⟦cat⟧ sat", "fp_value": 2.0,
          "rtn_value": 0.0, "shipped_value": 1.9},
     ]  # fmt: skip
+    return pl.DataFrame(rows, schema=SCHEMA)
+
+
+def _outliers() -> pl.DataFrame:
+    """Two layers of block matrices and residual statistics, in the stage's schema; one
+    matrix with a constant weight (null kurtosis and ratios, with a reason)."""
+    from sae_audit.outliers import SCHEMA
+
+    rows = []
+    for layer in range(2):
+        for i, matrix in enumerate(("attention.query_key_value", "mlp.dense_h_to_4h")):
+            constant = layer == 1 and i == 0
+            rows.append(
+                {"scope": "matrix", "layer": layer, "name": f"l.{layer}.{matrix}.weight",
+                 "matrix": matrix, "n_out": 96, "n_in": 32,
+                 "weight_kurtosis": None if constant else 3.0 + 5 * layer * i,
+                 "row_absmax_ratio": None if constant else 1.6,
+                 "col_absmax_ratio": None if constant else 1.5 + 20 * layer * i,
+                 "top_col": 5, "reason": "constant matrix" if constant else None}
+            )  # fmt: skip
+        rows.append(
+            {"scope": "layer", "layer": layer, "name": f"blocks.{layer}.hook_resid_post",
+             "n_tokens": 4096, "act_kurtosis": 3.0 + 40 * layer, "dim_ratio": 1.5 + 30 * layer,
+             "top_dim": 5, "first_token_norm_ratio": 1.2 + 8 * layer,
+             "sink_score": 0.05 + 0.6 * layer, "sink_uniform": 0.03}
+        )  # fmt: skip
     return pl.DataFrame(rows, schema=SCHEMA)
 
 
@@ -308,6 +339,7 @@ def tables(tmp_path_factory) -> dict[str, Path]:
         "threshold_grid": _threshold_grid(features),
         "damaged_contexts": _damaged_contexts(),
         "equal_bits": _equal_bits(),
+        "outliers": _outliers(),
     }
     paths = {}
     for name, frame in frames.items():
@@ -323,7 +355,7 @@ def _assert_png(path: Path, min_bytes: int = 5_000) -> None:
 
 
 def test_figure_inputs_cover_figures(tables):
-    assert len(FIGURE_INPUTS) == 10
+    assert len(FIGURE_INPUTS) == 11
     for name, stems in FIGURE_INPUTS.items():
         assert stems and set(stems) <= set(tables), name
 
@@ -450,16 +482,19 @@ def test_figure_structure(tables, tmp_path, monkeypatch):
             *(tables[t] for t in FIGURE_INPUTS[name]), out=tmp_path / f"{name}.png"
         )
 
-    # one histogram facet per variant, stacked by class (3 bar containers)
+    # one histogram facet per variant, stacked by class (4 bar containers, insufficient too)
     hist_axes = captured["correlation_histograms"]["axes"]
     assert sorted(ax.get_title() for ax in hist_axes) == sorted(VARIANTS)
-    assert all(len(ax.containers) == 3 for ax in hist_axes)
+    assert len(plots.CLASSES) == 4 and set(plots.PALETTE) == set(plots.CLASSES)
+    assert all(len(ax.containers) == 4 for ax in hist_axes)
     # one scatter facet per overlap pair, RTN on x, Spearman in the title (NaN shown as n/a)
     scatter_axes = captured["rtn_vs_pruning_scatter"]["axes"]
     assert len(scatter_axes) == 2
     assert all(ax.get_xlabel().endswith(("rtn-int8", "rtn-int4")) for ax in scatter_axes)
     titles = " ".join(ax.get_title() for ax in scatter_axes)
     assert "Spearman" in titles and "0.950" in titles and "n/a" in titles
+    # each number beside its baseline: the null's Spearman, the chance Jaccard and p
+    assert "(null 0.410)" in titles and "= 0.80 (chance 0.12, p = 3e-05)" in titles
     # 4 damage lines (2 cuts x 2 axes) + diagonal in each facet
     assert all(len(ax.lines) >= 5 for ax in scatter_axes)
     # ROC: rtn-int8 has one class only (NaN AUC) and is listed as not shown, fp-null is left out
@@ -544,7 +579,9 @@ def test_every_figure_has_function_and_caption():
         assert caption.is_file() and len(caption.read_text().split()) > 40, caption
         assert re.fullmatch(r"\d\. [A-Z].*", fig.category), fig.category
         for template in fig.inputs:
-            assert template.startswith(("{model}/{sae}/", "{model}/perplexity.parquet"))
+            assert template.startswith(
+                ("{model}/{sae}/", "{model}/perplexity.parquet", "{model}/outliers.parquet")
+            )
     captions = {p.name for p in REPORT_DIR.glob("*.rst")}
     assert captions - {f.caption for f in FIGURE_REGISTRY.values()} == {
         "workflow.rst",
@@ -600,7 +637,7 @@ def test_workflow_has_one_rule_per_registered_figure(tmp_path):
         assert (
             params
             == (
-                """--analysis '{"active_rate":0.001,"destroyed":0.5,"survived":0.9}'"""
+                """--analysis '{"active_rate":0.001,"confidence":0.95,"destroyed":0.5,"survived":0.9}'"""
                 if fig.thresholds
                 else "--analysis '{}'"
             )
@@ -683,7 +720,8 @@ def shipped_tables(tmp_path_factory) -> dict[str, Path]:
             "n_active": 100,
             "survived_pct": survived,
             "blurred_pct": [(100 - s) / 2 for s in survived],
-            "destroyed_pct": [(100 - s) / 2 for s in survived],
+            "destroyed_pct": [(100 - s) / 4 for s in survived],
+            "insufficient_pct": [(100 - s) / 4 for s in survived],
             "mean_r": [s / 100 for s in survived],
         }
     ).join(perplexity.drop("n_tokens"), on="variant", how="left")
@@ -750,6 +788,10 @@ def test_class_fractions_vs_bits_draws_shipped_at_their_bits(shipped_tables, tmp
     assert bar.get_height() == pytest.approx(_shipped_survived("lc-gptq-w4a16"))
     assert bar.get_hatch() == plots.KIND_HATCH["llm-compressor"]
     assert not survived_bars[ticks.index("rtn-int4")].get_hatch()
+    # four stacked classes, insufficient evidence on top in its own colour
+    assert len(ax.containers) == len(plots.CLASSES) == 4
+    top = ax.containers[3][ticks.index("lc-gptq-w4a16")]
+    assert top.get_height() == pytest.approx((100 - _shipped_survived("lc-gptq-w4a16")) / 4)
 
 
 def test_perplexity_vs_bits_marks_shipped_beside_rtn(shipped_tables, tmp_path, monkeypatch):

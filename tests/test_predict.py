@@ -105,3 +105,26 @@ def test_register_predictor_and_quantiles() -> None:
         assert q["predictor_max"].to_list() == [0.02, 0.04, 0.06, 0.08]
     finally:
         del PREDICTORS["test_identity_rate"]
+
+
+def test_insufficient_features_are_left_out_of_the_labels() -> None:
+    """An "insufficient" feature is neither survived nor not: it has no label, so it is
+    out of n, the folds, the out-of-fold rows and the quantile bins, and counted apart."""
+    rng = np.random.default_rng(5)
+    table = _predict_table(rng, 300, None)
+    unsure = np.zeros(300, dtype=bool)
+    unsure[::7] = True
+    marked = table.with_columns(
+        pl.when(pl.Series(unsure)).then(pl.lit("insufficient")).otherwise("class").alias("class")
+    )
+    out = predict_survival(marked, PredictConfig())
+    assert out["n"] == 300 - unsure.sum() and out["n_insufficient"] == unsure.sum()
+    assert not set(out["feature"].tolist()) & set(np.flatnonzero(unsure).tolist())
+    # the same as the predictor fitted on the labelled features alone
+    alone = predict_survival(table.filter(~pl.Series(unsure)), PredictConfig())
+    assert out["auc_mean"] == pytest.approx(alone["auc_mean"])
+    assert out["n_survived"] == alone["n_survived"] and alone["n_insufficient"] == 0
+    bins = survival_by_quantile(marked, "rarity", 4)
+    assert bins["n"].sum() == 300 - unsure.sum()
+    every = marked.with_columns(pl.lit("insufficient").alias("class"))
+    assert "no active features" in predict_survival(every, PredictConfig())["reason"]

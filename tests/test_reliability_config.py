@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -446,3 +447,13 @@ def test_shipped_variant_names_reach_the_dag(tmp_path: Path) -> None:
     assert jobs["tokenize_calibration"] == 1
     out = proc.stdout + proc.stderr
     assert "checkpoints/" in out and "lc-w8" in out and "gguf-q8_0" in out
+    # llm-compressor calibrates on a GPU where encode runs on one (SLURM: --gpus=1);
+    # every other compress job asks for none
+    compress = {}
+    for block in out.split("rule compress:")[1:]:
+        variant = re.search(r"variant=(\S+)", block)
+        gpu = re.search(r"resources: .*\bgpu=(\d+)", block)
+        assert variant and gpu, block
+        compress[variant[1]] = gpu[1]
+    assert compress["lc-w8"] == "1" and compress["gguf-q8_0"] == "0"
+    assert compress["rtn-int4"] == "0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+from scipy import stats
 
 from sae_audit.correlate import correlate_variant
 from sae_audit.stability import StabilityConfig, stability_table
@@ -24,14 +25,23 @@ def _dense_pair(seed: int = 0, n_tokens: int = 400, d: int = 12):
 
 
 def _classes(x: np.ndarray, y: np.ndarray, cfg: SurvivalConfig) -> dict[str, float]:
+    """Class shares recomputed densely: r, its support and its Fisher interval by hand."""
     active = (x > 0).mean(0) > cfg.active_rate
     r = np.array(
         [np.corrcoef(x[:, f], y[:, f])[0, 1] if y[:, f].any() else 0.0 for f in range(x.shape[1])]
     )
-    r = r[active]
+    support = ((x != 0) | (y != 0)).sum(0)
+    half = stats.norm.ppf(0.5 + cfg.confidence / 2) / np.sqrt(np.maximum(support - 3, 1))
+    with np.errstate(divide="ignore"):  # r = 1: atanh is inf, the interval the point
+        z = np.arctanh(r)
+    lo = np.where(support > 3, np.tanh(z - half), -1.0)[active]
+    hi = np.where(support > 3, np.tanh(z + half), 1.0)[active]
+    survived, destroyed = lo > cfg.survived, hi < cfg.destroyed
+    blurred = (lo >= cfg.destroyed) & (hi <= cfg.survived)
     return {
-        "survived_pct": 100 * (r > cfg.survived).mean(),
-        "destroyed_pct": 100 * (r < cfg.destroyed).mean(),
+        "survived_pct": 100 * survived.mean(),
+        "destroyed_pct": 100 * destroyed.mean(),
+        "insufficient_pct": 100 * (~(survived | destroyed | blurred)).mean(),
     }
 
 
@@ -48,10 +58,15 @@ def test_budgets_and_subsets_match_dense_recomputation(tmp_path):
         0
     ]
     assert full["n_tokens"] == 400
-    assert full["survived_pct"] == pytest.approx(_classes(x, y, cfg)["survived_pct"])
+    dense = _classes(x, y, cfg)
+    assert full["survived_pct"] == pytest.approx(dense["survived_pct"])
+    assert full["insufficient_pct"] == pytest.approx(dense["insufficient_pct"])
+    assert 0 < full["insufficient_pct"] < 100  # the planted noise ramp leaves some undecided
     # The full budget agrees with the streaming correlation of the whole set.
-    r = correlate_variant(fp, var)["r"].to_numpy()
-    assert full["survived_pct"] == pytest.approx(100 * (r > 0.9).mean())
+    r_lo = correlate_variant(fp, var)["r_lo"].to_numpy()
+    assert full["survived_pct"] == pytest.approx(100 * (r_lo > 0.9).mean())
+    pct = [full[f"{c}_pct"] for c in ("survived", "blurred", "destroyed", "insufficient")]
+    assert sum(pct) == pytest.approx(100)
     quarter = table.filter(
         (pl.col("selection") == "budget") & (pl.col("fraction") == 0.25)
     ).to_dicts()[0]
@@ -59,6 +74,8 @@ def test_budgets_and_subsets_match_dense_recomputation(tmp_path):
     assert quarter["destroyed_pct"] == pytest.approx(
         _classes(x[:100], y[:100], cfg)["destroyed_pct"]
     )
+    # a quarter of the tokens: less support, wider intervals, no fewer undecided
+    assert quarter["insufficient_pct"] >= full["insufficient_pct"]
     # Subsets: seeded half of the sequences; recompute densely from the same draw.
     subsets = table.filter(pl.col("selection") == "subset").sort("subset")
     rng = np.random.default_rng(3)

@@ -29,7 +29,11 @@ from .test_reliability_data import (
     nll,
 )
 
-ANALYSIS = {"active_rate": 0.001, "survived": 0.9, "destroyed": 0.5}
+# Point classes (confidence 0): each feature of this tiny run fires on ~50 tokens, so at
+# 0.95 its interval on r is about +-0.2 wide and no rtn-int2 feature could be classed
+# survived, leaving the predictor one class; test_tables_agree_with_each_other re-runs
+# survival at 0.95.
+ANALYSIS = {"active_rate": 0.001, "survived": 0.9, "destroyed": 0.5, "confidence": 0.0}
 
 
 def run(*argv: str | Path) -> None:
@@ -59,7 +63,8 @@ def tables(audit: Path, tmp_path_factory) -> Path:  # noqa: F811
     )
     for v in variants:
         run("correlate", "--expect", expect, "--fp", *codes(audit, "fp"), "--variant", *codes(audit, v),
-            "--variant-name", v, "--out", out / f"{v}.parquet")  # fmt: skip
+            "--variant-name", v, "--analysis", json.dumps({"confidence": ANALYSIS["confidence"]}),
+            "--out", out / f"{v}.parquet")  # fmt: skip
     run("perplexity", "--expect", json.dumps({"model": "tiny"}),
         "--nll", *[f"{v}={p}" for v in ("fp", *variants) for p in nll(audit, v)],
         "--out", out / "perplexity.parquet")  # fmt: skip
@@ -101,17 +106,19 @@ def test_every_table_is_written_and_no_column_is_empty(tables: Path, name: str):
     # "undefined here", never a whole column the stage failed to fill.
     empty = [c for c in table.columns if table[c].null_count() == table.height]
     allowed = {"reason", "flag", "subset"}  # null = "nothing to explain" / "not a subset"
+    allowed |= {"null_variant", "spearman_null"}  # this run has no null variant
     assert not set(empty) - allowed, f"{name}: columns all null: {empty}"
 
 
-def test_tables_agree_with_each_other(tables: Path):
+def test_tables_agree_with_each_other(tables: Path, tmp_path: Path):
     stats = pl.read_parquet(tables / "fp_stats.parquet")
     survival = {r["variant"]: r for r in pl.read_parquet(tables / "survival.parquet").to_dicts()}
     assert set(survival) == {"rtn-int8", "rtn-int2"}
     n_active = int((stats["firing_rate"] > ANALYSIS["active_rate"]).sum())
     for row in survival.values():
         assert row["n_active"] == n_active
-        assert row["survived_pct"] + row["blurred_pct"] + row["destroyed_pct"] == pytest.approx(100)
+        pct = ("survived_pct", "blurred_pct", "destroyed_pct", "insufficient_pct")
+        assert sum(row[c] for c in pct) == pytest.approx(100)
     # Fewer bits damage at least as much, on average, on the same features.
     assert survival["rtn-int2"]["mean_r"] <= survival["rtn-int8"]["mean_r"]
     ppl = pl.read_parquet(tables / "perplexity.parquet")
@@ -119,9 +126,37 @@ def test_tables_agree_with_each_other(tables: Path):
     full = pl.read_parquet(tables / "stability.parquet").filter(
         (pl.col("selection") == "budget") & (pl.col("fraction") == 1.0)
     )
-    # The full budget reproduces the survival table from the shards.
+    # The full budget reproduces the survival table from the shards, intervals included.
     for row in full.to_dicts():
-        assert row["survived_pct"] == pytest.approx(survival[row["variant"]]["survived_pct"])
+        for c in ("survived_pct", "insufficient_pct"):
+            assert row[c] == pytest.approx(survival[row["variant"]][c])
+    # The correlation tables' intervals (the correlate job's confidence, as in ANALYSIS)
+    # are the features table's.
+    features = pl.read_parquet(tables / "features.parquet")
+    for v in ("rtn-int8", "rtn-int2"):
+        corr = pl.read_parquet(tables / f"{v}.parquet")
+        mine = features.filter(pl.col("variant") == v).sort("feature")
+        assert corr.select("r_lo", "r_hi", "n_support").equals(
+            mine.select("r_lo", "r_hi", "n_support")
+        )
+        assert (corr["n_support"] >= corr["fp_fire_count"]).all()
+    # At 0.95 the same correlations leave rtn-int2's features of ~50 tokens undecided.
+    from sae_audit import stages
+
+    at95 = stages.survival(
+        analysis={**ANALYSIS, "confidence": 0.95},
+        fp_stats=tables / "fp_stats.parquet",
+        correlation={v: str(tables / f"{v}.parquet") for v in ("rtn-int8", "rtn-int2")},
+        perplexity=tables / "perplexity.parquet",
+        features_out=tmp_path / "features.parquet",
+        summary_out=tmp_path / "survival.parquet",
+    )
+    row = at95.filter(pl.col("variant") == "rtn-int2").row(0, named=True)
+    assert row["insufficient_pct"] > 0
+    assert row["survived_pct"] <= survival["rtn-int2"]["survived_pct"]
+    assert sum(row[c] for c in pct) == pytest.approx(100)
+    wide = pl.read_parquet(tmp_path / "features.parquet")
+    assert (wide["r_lo"] <= wide["r"]).all() and (wide["r"] <= wide["r_hi"]).all()
     ref = pl.read_parquet(tables / "reference_comparison.parquet")
     run_pct = ref.filter(pl.col("metric") == "survived_pct")["run"][0]
     assert run_pct == pytest.approx(survival["rtn-int8"]["survived_pct"])

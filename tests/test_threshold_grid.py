@@ -11,7 +11,10 @@ from sae_audit.threshold_grid import ThresholdGridConfig, threshold_grid
 
 
 def _table(
-    r: list[float], active: list[bool], flag: list[str | None] | None = None
+    r: list[float],
+    active: list[bool],
+    flag: list[str | None] | None = None,
+    support: list[int] | None = None,
 ) -> pl.DataFrame:
     n = len(r)
     df = pl.DataFrame(
@@ -20,10 +23,14 @@ def _table(
             "firing_rate": [0.1 if a else 0.0 for a in active],
             "r": r,
             "flag": flag or [None] * n,
+            # a million tokens of support: intervals about +-0.001 unless given
+            "n_support": support or [1_000_000] * n,
         },
         schema_overrides={"flag": pl.String},
     )
-    return feature_table(df.select("feature", "firing_rate"), df.select("feature", "r", "flag"))
+    return feature_table(
+        df.select("feature", "firing_rate"), df.select("feature", "r", "flag", "n_support")
+    )
 
 
 def test_summary_and_threshold_grid() -> None:
@@ -50,3 +57,17 @@ def test_summary_and_threshold_grid() -> None:
     )
     assert row["survived_pct"][0] == pytest.approx(50.0)
     assert row["destroyed_pct"][0] == pytest.approx(50.0)
+    assert row["insufficient_pct"][0] == 0.0
+
+
+def test_threshold_grid_keeps_each_features_interval() -> None:
+    """r = 0.85 on 100 tokens of support (interval about [0.78, 0.90]): blurred at the
+    0.9 cut, insufficient at 0.8 (the cut inside its interval), never silently survived."""
+    t = _table([0.85, 0.85], [True, True], support=[100, 1_000_000])
+    assert t["class"].to_list() == ["blurred", "blurred"]
+    grid = threshold_grid({"a": t}, ThresholdGridConfig(survived=(0.9, 0.8), destroyed=(0.5,)))
+    at = {row["survived_threshold"]: row for row in grid.iter_rows(named=True)}
+    assert (at[0.9]["n_blurred"], at[0.9]["n_insufficient"]) == (2, 0)
+    assert (at[0.8]["n_survived"], at[0.8]["n_insufficient"]) == (1, 1)
+    pct = [c for c in grid.columns if c.endswith("_pct")]
+    assert grid.select(pl.sum_horizontal(pct)).to_series().to_list() == pytest.approx([100, 100])

@@ -17,3 +17,31 @@ def test_variant_names_round_trip():
     for bad in ("rtn-int1", "prune-1.5", "int6", "prune-matched-fp"):
         with pytest.raises(ValueError):
             parse_variant(bad)
+
+
+def test_noise_null_is_a_variant_of_its_own_beside_the_null_run():
+    from sae_audit import config as audit_config
+    from sae_audit.figures import variant_order
+
+    assert parse_variant("fp-noise").kind == "noise"
+    with pytest.raises(ValueError, match="compressed target"):
+        parse_variant("prune-matched-fp-noise")
+    cfg = audit_config.validate(
+        {"models": {"m": {"model": {"source": "fixture"}, "saes": {"r": {"source": "fixture"}},
+                          "tokens": {"source": "fixture", "seq_len": 8, "n_sequences": 4,
+                                     "n_shards": 1}}}}
+    )  # fmt: skip
+    names = audit_config.variant_names(cfg)
+    assert names[-2:] == ["fp-null", "fp-noise"]  # stability.noise_null defaults to true
+    cfg["stability"]["noise_null"] = False
+    assert "fp-noise" not in audit_config.variant_names(cfg)
+    # tables and figures: the noise null right after the null run, before unknown names
+    shuffled = ["fp-noise", "weird", "fp-null", "prune-0.3", "rtn-int4", "fp"]
+    assert variant_order(shuffled) == [
+        "fp",
+        "rtn-int4",
+        "prune-0.3",
+        "fp-null",
+        "fp-noise",
+        "weird",
+    ]

@@ -24,6 +24,7 @@ def test_end_to_end_outputs(finished_run: Path):
         "rtn-int2",
         "prune-matched-rtn-int4",
         "fp-null",
+        "fp-noise",
     }
     # The FP model against itself: every active feature survives with r = 1.
     features = pl.read_parquet(results / "tables/fixture/res/features.parquet")
@@ -128,7 +129,7 @@ def test_changing_the_token_budget_reruns_tokenize_and_downstream(
     )
     jobs = planned_jobs(snakemake(finished_run, config, "-n"))
     assert jobs["tokenize"] == 1
-    assert jobs["encode"] == 2 * 6  # every (variant, shard): fp, 3 RTN, matched, null
+    assert jobs["encode"] == 2 * 7  # every (variant, shard): fp, 3 RTN, matched, null, noise
     assert jobs["survival"] == 1 and jobs["match_sparsity"] == 1
     assert not {"fixture_model", "fixture_sae", "fixture_corpus"} & set(jobs)
 
@@ -144,7 +145,7 @@ def test_adding_a_model_adds_only_its_jobs(finished_run: Path, tmp_path: Path):
     proc = snakemake(finished_run, edited_config(tmp_path, "two_models", add), "-n")
     wildcards = planned_wildcards(proc)
     assert wildcards and all("model=fixture_short" in w for w in wildcards if "model=" in w)
-    assert planned_jobs(proc)["encode"] == 2 * 6
+    assert planned_jobs(proc)["encode"] == 2 * 7
 
 
 @pytest.mark.slow

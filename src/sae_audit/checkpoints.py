@@ -54,14 +54,25 @@ def _unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> t
     return torch.from_numpy(bits).view(shape)
 
 
+def noise_dtype(run_dtype: str) -> str:
+    """The numeric path of the noise null (fp-noise): the other dtype than the run's."""
+    return "bfloat16" if run_dtype == "float32" else "float32"
+
+
 def compress_state(
-    model: nn.Module, variant: Variant, sparsity: float | None = None
+    model: nn.Module, variant: Variant, sparsity: float | None = None, run_dtype: str = "float32"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The safetensors payload and method record for one variant of a float32 model."""
+    """The safetensors payload and method record for one variant of a float32 model.
+
+    `run_dtype` is the dtype the audit's forward passes run in (model.dtype); the noise
+    null records the other one, which its forward passes use instead.
+    """
     payload: dict[str, torch.Tensor] = {}
     method: dict[str, Any] = {"kind": variant.kind}
     names = list(target_weights(model))
-    if variant.kind in ("fp", "null"):
+    if variant.kind == "noise":
+        method.update(run_dtype=run_dtype, dtype=noise_dtype(run_dtype))
+    if variant.kind in ("fp", "null", "noise"):
         return payload, method
     if variant.kind == "rtn":
         spec = rtn_spec(variant)
@@ -90,7 +101,7 @@ def apply_state(
 ) -> nn.Module:
     """Write decompressed block matrices into `model` in place (float32 math, then run dtype)."""
     kind = method["kind"]
-    if kind in ("fp", "null"):
+    if kind in ("fp", "null", "noise"):
         return model
     for name, param in target_weights(model):
         if kind == "rtn":
@@ -121,11 +132,13 @@ def write_checkpoint(
     extra: dict[str, Any] | None = None,
     entry: dict[str, Any] | None = None,
     calibration: np.ndarray | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Compress the base model (loaded in float32) and write the checkpoint directory atomically.
 
     Shipped formats take their config `entry` (compression.<section>.<key>); llm-compressor
-    variants also the calibration token ids.
+    variants also the calibration token ids. `dtype` is the run dtype (model.dtype), which
+    only the noise null (fp-noise) reads: it records the other dtype to run in.
     """
     variant = parse_variant(variant_name)
     out_dir = Path(out_dir)
@@ -143,7 +156,7 @@ def write_checkpoint(
                 raise ValueError(f"variant {variant.name!r} needs its config entry")
             method = write_shipped(model, str(base), variant, entry, calibration, tmp, revision)
         else:
-            payload, method = compress_state(model, variant, sparsity=sparsity)
+            payload, method = compress_state(model, variant, sparsity=sparsity, run_dtype=dtype)
             save_file(payload, tmp / TENSORS)
         manifest["method"] = method
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -255,11 +268,25 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
 ) -> nn.Module:
-    """Load the base model in the run dtype and apply the variant's stored compression."""
+    """Load the base model in the run dtype and apply the variant's stored compression.
+
+    The noise null (kind "noise") loads the FP weights in the dtype its manifest records,
+    the other one than the run's `dtype`; the SAE still reads its activations in its own
+    dtype (encode casts them), so only the model's numeric path differs.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     manifest = read_manifest(checkpoint_dir)
-    if manifest["method"]["kind"] in ("llmcompressor", "gguf", "external"):
+    method = manifest["method"]
+    if method["kind"] in ("llmcompressor", "gguf", "external"):
         return load_shipped(checkpoint_dir, manifest, dtype, device, attn_implementation)
+    if method["kind"] == "noise":
+        if method.get("run_dtype") != dtype:
+            raise InputError(
+                f"{checkpoint_dir / MANIFEST}: this noise null was made for run dtype "
+                f"{method.get('run_dtype')!r} (it runs in {method.get('dtype')!r}), but this job "
+                f"runs in {dtype!r}; {rerun_hint('compress')}"
+            )
+        dtype = method["dtype"]
     payload = read_payload(checkpoint_dir)
     model = load_run_model(
         resolve_base(manifest, checkpoint_dir),

@@ -28,6 +28,10 @@ from .hooknames import HOOK_PATTERN, SUPPORTED, pretrained_hook
 from .variants import SHIPPED, parse_variant, prune_name, rtn_name, shipped_name
 
 FIXTURE = "fixture"
+# A model source beside 'fixture': the planted control fixture_reparam builds from the
+# fixture model (sae_audit.fixture.reparam), a reparameterized copy, never a trained model.
+FIXTURE_REPARAM = "fixture-reparam"
+FIXTURE_MODELS = (FIXTURE, FIXTURE_REPARAM)
 
 
 def schema_path() -> Path:
@@ -331,6 +335,31 @@ def check_fixture_model(model: Mapping[str, Any], where: str = "fixture.model") 
         )
 
 
+def check_fixture_sae(sae: Mapping[str, Any], where: str = "fixture.sae") -> None:
+    if sae["twin_seed"] is not None and sae["twin_seed"] == sae["seed"]:
+        raise ConfigError(
+            f"config key '{where}.twin_seed': {sae['twin_seed']} is the main SAE's seed "
+            f"({where}.seed), so the twin would be the same SAE: use another seed, or null"
+        )
+
+
+def check_reparam(
+    reparam: Mapping[str, Any], model: Mapping[str, Any], where: str = "fixture.reparam"
+) -> None:
+    """The planted control's dimension and blocks exist in the fixture model (fixture.model)."""
+    if not reparam["dim"] < model["d_model"]:
+        raise ConfigError(
+            f"config key '{where}.dim': {reparam['dim']} is not a residual dimension of the "
+            f"fixture model (fixture.model.d_model={model['d_model']}): use 0..{model['d_model'] - 1}"
+        )
+    bad = [layer for layer in reparam["layers"] or () if layer >= model["n_layer"]]
+    if bad:
+        raise ConfigError(
+            f"config key '{where}.layers': {bad} past the fixture model's "
+            f"{model['n_layer']} blocks (fixture.model.n_layer): use 0..{model['n_layer'] - 1}"
+        )
+
+
 def check_token_set(tokens: Mapping[str, Any], where: str) -> None:
     if tokens["n_shards"] > tokens["n_sequences"]:
         raise ConfigError(
@@ -352,7 +381,10 @@ def _cross_check(config: dict[str, Any]) -> None:
     _check_fixture(config)
     for model, spec in config["models"].items():
         sae_sources = [sae.get("source") for sae in spec["saes"].values()]
-        uses_fixture = FIXTURE in (spec["model"]["source"], spec["tokens"]["source"], *sae_sources)
+        uses_fixture = spec["model"]["source"] in FIXTURE_MODELS or FIXTURE in (
+            spec["tokens"]["source"],
+            *sae_sources,
+        )
         if uses_fixture and "fixture" not in config:
             raise ConfigError(
                 f"config key 'models.{model}': uses the fixture but 'fixture' is not configured"
@@ -494,7 +526,7 @@ def check_external(
             f"paths are relative to the working directory {Path.cwd()})"
         )
     what, width, layers = _model_shape(spec, fixture)
-    model_type: str | None = "gpt_neox" if spec["model"]["source"] == FIXTURE else None
+    model_type: str | None = "gpt_neox" if spec["model"]["source"] in FIXTURE_MODELS else None
     vocab = None
     base_dir = Path(spec["model"]["source"])
     if base_dir.is_dir():
@@ -537,14 +569,18 @@ def _check_fixture(config: dict[str, Any]) -> None:
     if fixture is None:
         return
     uses_model = any(
-        FIXTURE in (spec["model"]["source"], spec["tokens"]["source"])
+        spec["model"]["source"] in FIXTURE_MODELS or spec["tokens"]["source"] == FIXTURE
         for spec in config["models"].values()
     )
     if not uses_model and not _uses_fixture_sae(config):
         return
     check_fixture_model(fixture["model"])
     n_layer = fixture["model"]["n_layer"]
+    if any(spec["model"]["source"] == FIXTURE_REPARAM for spec in config["models"].values()):
+        check_reparam(fixture["reparam"], fixture["model"])
     layer = fixture["sae"]["layer"]
+    if _uses_fixture_sae(config):
+        check_fixture_sae(fixture["sae"])
     if _uses_fixture_sae(config) and not layer <= n_layer - 2:
         # The fixture SAE reads hidden_states[layer + 1]; the last block's entry is normalized.
         raise ConfigError(
@@ -560,10 +596,11 @@ def _looks_like_path(source: str) -> bool:
 
 
 def check_model_source(model: str, spec: Mapping[str, Any]) -> None:
-    """'fixture', an existing model directory, or a well-formed hub id (checked offline)."""
+    """'fixture', 'fixture-reparam', an existing model directory, or a well-formed hub id
+    (checked offline)."""
     source = spec["model"]["source"]
     key = f"models.{model}.model.source"
-    if source == FIXTURE:
+    if source in FIXTURE_MODELS:
         return
     path = Path(source)
     if path.is_dir():
@@ -762,11 +799,13 @@ def _model_shape(
 ) -> tuple[str, Any, Any]:
     """(description, width, layers) of the model, from local config only; None where unknown."""
     source = spec["model"]["source"]
-    if source == FIXTURE:
+    if source in FIXTURE_MODELS:
+        # the reparameterized copy has the fixture model's shape by construction
+        what = "the fixture model" if source == FIXTURE else "the reparameterized fixture model"
         if fixture is None:
-            return "the fixture model", None, None
+            return what, None, None
         fm = fixture["model"]
-        return "the fixture model (fixture.model)", fm["d_model"], fm["n_layer"]
+        return f"{what} (fixture.model)", fm["d_model"], fm["n_layer"]
     path = Path(source)
     model_cfg = _read_json(path / "config.json") if path.is_dir() else None
     if model_cfg is None:
@@ -905,6 +944,8 @@ def variant_names(config: Mapping[str, Any]) -> list[str]:
     )
     if config["stability"]["null_run"]:
         names.append("fp-null")
+    if config["stability"]["noise_null"]:
+        names.append("fp-noise")
     return names
 
 

@@ -6,6 +6,11 @@ sum xy), all in float64. Sums of x and of y come from each sparse side alone
 both sides. The two shards are sorted by (token, feature), so they are merged
 as a stream over aligned token ranges: memory is bounded by about two read
 batches per side plus the d_sae-long accumulators, never by the token count.
+
+The same pass counts each feature's support: the tokens where it is nonzero in FP
+or in the variant (the union of the two sparse supports, |X| + |Y| - |X and Y|).
+`fisher_interval` turns r and the support into a confidence interval on r (see
+there for the approximation and why the support, not the token count, is its n).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from scipy import stats
 
 from sae_audit.files import InputError, rerun_hint
 from sae_audit.shards import (
@@ -39,7 +45,8 @@ class SufficientSums:
     """Running float64 sums for the Pearson correlation of every feature.
 
     x is the FP activation, y the variant's; ``n`` counts tokens (shared by all
-    features). Fire counts count activations > 0.
+    features). Fire counts count activations > 0; ``n_support`` counts the tokens
+    where the feature is nonzero on either side (the union of the two supports).
     """
 
     d_sae: int
@@ -51,6 +58,7 @@ class SufficientSums:
     sum_xy: np.ndarray = field(init=False)
     fire_x: np.ndarray = field(init=False)
     fire_y: np.ndarray = field(init=False)
+    n_support: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         if self.d_sae < 1:
@@ -61,6 +69,7 @@ class SufficientSums:
             setattr(self, name, np.zeros(self.d_sae, dtype=np.float64))
         self.fire_x = np.zeros(self.d_sae, dtype=np.int64)
         self.fire_y = np.zeros(self.d_sae, dtype=np.int64)
+        self.n_support = np.zeros(self.d_sae, dtype=np.int64)
 
     def add_x(self, feature: np.ndarray, value: np.ndarray) -> None:
         """Add sparse FP activations (one row per nonzero)."""
@@ -68,6 +77,7 @@ class SufficientSums:
         self.sum_x += np.bincount(feature, weights=v, minlength=self.d_sae)
         self.sum_x2 += np.bincount(feature, weights=v * v, minlength=self.d_sae)
         self.fire_x += np.bincount(feature[v > 0], minlength=self.d_sae)
+        self.n_support += np.bincount(feature[v != 0], minlength=self.d_sae)
 
     def add_y(self, feature: np.ndarray, value: np.ndarray) -> None:
         """Add sparse variant activations (one row per nonzero)."""
@@ -75,11 +85,15 @@ class SufficientSums:
         self.sum_y += np.bincount(feature, weights=v, minlength=self.d_sae)
         self.sum_y2 += np.bincount(feature, weights=v * v, minlength=self.d_sae)
         self.fire_y += np.bincount(feature[v > 0], minlength=self.d_sae)
+        self.n_support += np.bincount(feature[v != 0], minlength=self.d_sae)
 
     def add_xy(self, feature: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-        """Add products of (token, feature) pairs nonzero on both sides."""
+        """Add products of (token, feature) pairs nonzero on both sides (rows present in
+        both shards); such a token was counted by `add_x` and by `add_y`, so it leaves
+        the union support once."""
         prod = x.astype(np.float64) * y.astype(np.float64)
         self.sum_xy += np.bincount(feature, weights=prod, minlength=self.d_sae)
+        self.n_support -= np.bincount(feature[(x != 0) & (y != 0)], minlength=self.d_sae)
 
 
 class _SortedStream:
@@ -254,31 +268,85 @@ def pearson_from_sums(sums: SufficientSums) -> tuple[np.ndarray, np.ndarray]:
     return r, flags
 
 
+def fisher_interval(
+    r: np.ndarray, n_support: np.ndarray, confidence: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided ``confidence`` interval (r_lo, r_hi) on each r: Fisher's z with n = support.
+
+    r itself is the Pearson correlation over *all* tokens, zeros included (the
+    definition the classes use). Its interval is tanh(atanh r -+ q / sqrt(n - 3)), with
+    q the standard normal quantile of (1 + confidence) / 2 and n the feature's support:
+    the tokens where it is nonzero in FP or in the variant. Why not the token count:
+    outside the support both activations are exactly 0 (a ReLU-type SAE's zeros, not
+    noise), so those tokens agree by construction and say nothing about whether the
+    variant reproduces the feature where it matters; every disagreement, a missed
+    firing or a spurious one, lies inside the union of the two supports. With n = all
+    tokens a feature that fired on 3 of 65,536 tokens would get an interval about
+    +-0.008 wide; with n = its support it gets [-1, 1].
+
+    Approximations, stated: Fisher's z assumes bivariate-normal pairs, and activations
+    are skewed and zero-inflated; tokens of one sequence are correlated, so the support
+    overstates the independent evidence and the interval is, if anything, too narrow.
+    A bootstrap over sequences would address both, but it needs per-sequence sums
+    (d_sae x n_sequences x 6 floats) or one set of accumulators per replicate (B times
+    the memory and work of the pass), which breaks the d_sae-bounded streaming pass;
+    this interval costs one counter per feature.
+
+    Edge cases: n <= 3 gives [-1, 1] (no evidence); |r| = 1 with n > 3 gives the point
+    (r = 1 exactly: identical activations); confidence = 0 gives the point r itself (no
+    interval: point classes, as the reference study). Always r_lo <= r <= r_hi; NaN r
+    gives NaN bounds (callers pass none: `pearson_from_sums` never returns NaN).
+    """
+    if not 0.0 <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [0, 1), got {confidence}")
+    r = np.asarray(r, dtype=np.float64)
+    n = np.broadcast_to(np.asarray(n_support, dtype=np.float64), r.shape)
+    q = float(stats.norm.ppf(0.5 + confidence / 2.0))
+    if q == 0.0:
+        return r.copy(), r.copy()
+    enough = n > 3
+    inner = np.abs(r) < 1
+    center = np.where(inner, np.arctanh(np.where(inner, r, 0.0)), np.copysign(np.inf, r))
+    half = q / np.sqrt(np.where(enough, n - 3.0, 1.0))
+    lo = np.where(enough, np.tanh(center - half), -1.0)
+    hi = np.where(enough, np.tanh(center + half), 1.0)
+    # tanh(atanh r) can differ from r by an ulp: keep the point inside its interval
+    # (np.minimum, not fmin: a NaN r stays NaN).
+    return np.minimum(lo, r), np.maximum(hi, r)
+
+
 def correlate_variant(
     fp_paths: list[Path],
     variant_paths: list[Path],
     batch_rows: int = 1 << 20,
     variant: str | None = None,
     expect: Expected | None = None,
+    confidence: float = 0.95,
 ) -> pl.DataFrame:
     """Correlate every feature between FP and variant shard sets.
 
     Shards are verified (manifest, provenance: see `shards.code_set_metadata`) and paired
     by token range; both sets must cover identical ranges with the same d_sae. Columns:
-    feature, r, flag, fp_fire_count, variant_fire_count, n_tokens.
+    feature, r, r_lo, r_hi (the ``confidence`` interval of `fisher_interval`), flag,
+    fp_fire_count, variant_fire_count, n_support (tokens where the feature is nonzero in
+    FP or in the variant), n_tokens.
     """
     pairs, fp_meta = pair_shards(fp_paths, variant_paths, variant, expect)
     sums = SufficientSums(d_sae=fp_meta.d_sae)
     for fp_path, var_path in pairs:
         accumulate_pair(fp_path, var_path, sums, batch_rows)
     r, flags = pearson_from_sums(sums)
+    r_lo, r_hi = fisher_interval(r, sums.n_support, confidence)
     return pl.DataFrame(
         {
             "feature": np.arange(sums.d_sae, dtype=np.int32),
             "r": r,
+            "r_lo": r_lo,
+            "r_hi": r_hi,
             "flag": pl.Series("flag", list(flags), dtype=pl.String),
             "fp_fire_count": sums.fire_x,
             "variant_fire_count": sums.fire_y,
+            "n_support": sums.n_support.copy(),
             "n_tokens": np.full(sums.d_sae, sums.n, dtype=np.int64),
         }
     )

@@ -13,6 +13,7 @@ import polars as pl
 from .config import FROM_SCHEMA, ConfigSection
 from .files import InputError, rerun_hint
 from .shards import Expected, pair_shards
+from .survival import INSUFFICIENT
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 
@@ -27,9 +28,16 @@ class ContextConfig(ConfigSection, section="damaged_contexts"):
 
 
 def most_damaged(features: pl.DataFrame, n: int) -> pl.DataFrame:
-    """Per variant, the n active features with the lowest r (ties by feature id)."""
+    """Per variant, the n active features with the lowest r (ties by feature id). With a
+    ``class`` column, features of class "insufficient" are passed over: their damage is
+    not established (their interval on r straddles a class threshold)."""
+    established = (
+        (pl.col("class") != INSUFFICIENT).fill_null(True)
+        if "class" in features.columns
+        else pl.lit(True)
+    )
     return (
-        features.filter(pl.col("active"))
+        features.filter(pl.col("active") & established)
         .sort(["variant", "r", "feature"])
         .group_by("variant", maintain_order=True)
         .head(n)

@@ -7,13 +7,14 @@ For each (RTN variant, shipped variant) pair at the same weight bits
 - ``saved_by_shipped``: destroyed under RTN, survived under the shipped variant;
 - ``lost_by_shipped``: survived under RTN, destroyed under the shipped variant
 
-(blurred features count in neither). Each direction lists at most
-``damaged_contexts.n_features`` features, the largest change in r first, each with r and
-class under both variants, its FP firing rate and its top FP contexts (the machinery of
-``damaged_contexts``: the FP code shards, the token shards and the tokenizer), with both
-variants' activations there. One summary row per pair counts the saved and lost features
+(blurred and "insufficient"-evidence features count in neither). Each direction lists at
+most ``damaged_contexts.n_features`` features, the largest change in r first, each with r
+and class under both variants, its FP firing rate and its top FP contexts (the machinery
+of ``damaged_contexts``: the FP code shards, the token shards and the tokenizer), with
+both variants' activations there. One summary row per pair counts the saved and lost features
 and gives the Jaccard index of the two destroyed sets (``overlap.jaccard``; null, with a
-``reason``, when neither variant destroys anything).
+``reason``, when neither variant destroys anything), both sets taken, as in ``overlap``,
+over the features classed under both variants (not "insufficient" under either).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import polars as pl
 from .damaged_contexts import ContextConfig, damaged_contexts
 from .overlap import jaccard
 from .shards import Expected
+from .survival import INSUFFICIENT
 from .variants import parse_variant
 
 SUMMARY = "summary"
@@ -110,10 +112,14 @@ def saved_and_lost(joined: pl.DataFrame) -> dict[str, pl.DataFrame]:
 
 
 def pair_summary(joined: pl.DataFrame, found: Mapping[str, pl.DataFrame]) -> dict[str, Any]:
-    """Counts of saved and lost features, and the Jaccard of the two destroyed sets."""
-    destroyed_rtn = set(joined.filter(pl.col("class_rtn") == "destroyed")["feature"].to_list())
+    """Counts of saved and lost features, and the Jaccard of the two destroyed sets (over
+    the features classed under both: an "insufficient" feature is in neither set)."""
+    classed = joined.filter(
+        (pl.col("class_rtn") != INSUFFICIENT) & (pl.col("class_shipped") != INSUFFICIENT)
+    )
+    destroyed_rtn = set(classed.filter(pl.col("class_rtn") == "destroyed")["feature"].to_list())
     destroyed_shipped = set(
-        joined.filter(pl.col("class_shipped") == "destroyed")["feature"].to_list()
+        classed.filter(pl.col("class_shipped") == "destroyed")["feature"].to_list()
     )
     j = jaccard(destroyed_rtn, destroyed_shipped)
     return {

@@ -54,7 +54,8 @@ def variant_bits(name: str, variants: VariantBits | None = None) -> int | None:
 def variant_order_key(name: str, variants: VariantBits | None = None) -> tuple:
     """FP; every variant with weight bits, most bits first (RTN, then llm-compressor, GGUF,
     external at the same bits); pruning by sparsity; matched pruning by its target's bits;
-    shipped formats without weight bits (KV-cache only); the null run; unknown names."""
+    shipped formats without weight bits (KV-cache only); the null run, then the noise null
+    beside it; unknown names."""
     v = _parsed(name)
     if v is None:
         return (9, 0.0, 0, name)
@@ -70,6 +71,8 @@ def variant_order_key(name: str, variants: VariantBits | None = None) -> tuple:
         return (3, -float(target or 0), 0, name)
     if v.kind in _BITS_KINDS:  # shipped, no weight bits
         return (4, 0.0, _BITS_KINDS[v.kind], name)
+    if v.kind == "noise":  # the numeric-noise null, right after the null run
+        return (5, 1.0, 0, name)
     return (5, 0.0, 0, name)  # the null run
 
 
@@ -88,7 +91,7 @@ class Figure:
 
     inputs: the result tables it reads, in the order the function takes them, as path
         templates relative to ``{results}/tables`` with the ``{model}`` and ``{sae}``
-        wildcards (the per-model perplexity table has no ``{sae}``).
+        wildcards (the per-model perplexity and outliers tables have no ``{sae}``).
     caption: the caption file, relative to workflow/report.
     category: the report category the figure is shown under.
     function: the plotting function's name in ``sae_audit.plots``.
@@ -192,6 +195,8 @@ OVERLAP = "4. RTN vs pruning and shipped formats"
 STABILITY = "5. Stability"
 
 register_figure("class_fractions_vs_bits", [f"{_BASIS}/survival.parquet"], SURVIVAL)
+# Beside the survival curve: why the model is (or is not) fragile; one table per model.
+register_figure("outlier_diagnostics", ["{model}/outliers.parquet"], SURVIVAL)
 register_figure("correlation_histograms", [f"{_BASIS}/features.parquet"], SURVIVAL, thresholds=True)
 register_figure("perplexity_vs_bits", ["{model}/perplexity.parquet"], PERPLEXITY)
 register_figure("perplexity_vs_damage", [f"{_BASIS}/survival.parquet"], PERPLEXITY)

@@ -42,7 +42,12 @@ from .figures import VariantBits, variant_bits, variant_order_key
 from .survival import CLASSES, SurvivalConfig
 from .variants import Variant, parse_variant
 
-PALETTE = {"survived": "#2a9d8f", "blurred": "#e9c46a", "destroyed": "#e76f51"}
+PALETTE = {
+    "survived": "#2a9d8f",
+    "blurred": "#e9c46a",
+    "destroyed": "#e76f51",
+    "insufficient": "#adb5bd",  # insufficient evidence: the interval on r straddles a cut
+}
 KIND_LABEL = {
     "rtn": "RTN",
     "llmcompressor": "llm-compressor",
@@ -51,6 +56,7 @@ KIND_LABEL = {
     "prune": "pruning",
     "prune-matched": "matched pruning",
     "null": "null (FP rerun)",
+    "noise": "noise null (FP, other dtype)",
     "other": "other",
 }
 KIND_COLOR = {
@@ -61,6 +67,7 @@ KIND_COLOR = {
     "pruning": "#e76f51",
     "matched pruning": "#d62828",
     "null (FP rerun)": "#8d99ae",
+    "noise null (FP, other dtype)": "#adb5bd",
     "other": "#6c757d",
 }
 # The kinds drawn against weight bits, and how a shipped kind's bars are hatched.
@@ -75,6 +82,7 @@ KIND_RAMP = {
     "pruning": ("Oranges", 1),
     "matched pruning": ("flare", 0),
     "null (FP rerun)": ("Greys", 1),
+    "noise null (FP, other dtype)": ("Greys", 2),
     "other": ("Greys", 1),
 }
 NO_BITS = "no weight bits"
@@ -785,6 +793,23 @@ def coefficients(
     _save(fig, out)
 
 
+def _scatter_title(a: str, b: str, row: Mapping[str, Any]) -> str:
+    """A facet's title: the pair, the damage Spearman beside the null variant's, the
+    non-surviving Jaccard beside its chance value and hypergeometric p-value."""
+    rho, jac = row.get("spearman"), row.get("jaccard_nonsurviving")
+    null = row.get("spearman_null")
+    spearman = f"Spearman $\\rho$ = {_fmt(rho)}" + (
+        f" (null {_fmt(null)})" if null is not None else ""
+    )
+    if jac is None:
+        return f"{a} vs {b}\n{spearman}\nJaccard(non-surv.) undefined (none damaged)"
+    chance, p = row.get("jaccard_nonsurviving_chance"), row.get("jaccard_nonsurviving_p")
+    baseline = (
+        f" (chance {_fmt(chance, '.2f')}, p = {_fmt(p, '.2g')})" if chance is not None else ""
+    )
+    return f"{a} vs {b}\n{spearman}\nJaccard(non-surv.) = {_fmt(jac, '.2f')}{baseline}"
+
+
 def rtn_vs_pruning_scatter(
     features_path: str | Path,
     overlap_path: str | Path,
@@ -794,8 +819,10 @@ def rtn_vs_pruning_scatter(
 ) -> None:
     """Per-feature damage (1 - r) of the RTN variant (x) vs the other variant of each overlap
     pair (y): its matched pruning variant, or the shipped format at its bits. One facet per
-    pair (RTN variants in display order), with counts in each class cell and Spearman in
-    the title; the cells are cut at the class thresholds (``params``: the ``analysis`` slice)."""
+    pair (RTN variants in display order), with counts in each class cell; the title gives
+    the damage Spearman (beside the null variant's, ``spearman_null``) and the Jaccard of
+    the non-surviving sets beside its chance value and hypergeometric p-value; the cells
+    are cut at the class thresholds (``params``: the ``analysis`` slice)."""
     overlap = pl.read_parquet(overlap_path)
     title = "Do two compressions damage the same features?"
     if overlap.height == 0 or not {"variant_a", "variant_b"} <= set(overlap.columns):
@@ -817,12 +844,14 @@ def rtn_vs_pruning_scatter(
         # RTN on x when one side is RTN; otherwise keep the table's order
         if _kind(b) == "RTN" and _kind(a) != "RTN":
             a, b = b, a
-        pairs.append((a, b, r.get("spearman"), r.get("jaccard_nonsurviving")))
-        # null Jaccard: neither variant damaged anything (undefined, not agreement)
+        # null Jaccard: neither variant damaged anything (undefined, not agreement); each
+        # number with its baseline where the table has one (Spearman of the null variant,
+        # the chance Jaccard and its hypergeometric p-value)
+        pairs.append((a, b, r))
     pairs.sort(key=lambda p: (variant_order_key(p[0], variants), variant_order_key(p[1], variants)))
-    fig, axes = _grid(len(pairs), max_cols=3, w=3.8, h=3.8)
+    fig, axes = _grid(len(pairs), max_cols=3, w=3.8, h=4.0)
     cuts = damage_cuts(params)  # damage 1 - survived and 1 - destroyed (0.1 and 0.5 by default)
-    for ax, (a, b, rho, jac) in zip(axes, pairs, strict=True):
+    for ax, (a, b, row) in zip(axes, pairs, strict=True):
         joined = (
             features.filter(pl.col("variant") == a)
             .select("feature", pl.col("damage").alias("x"))
@@ -865,11 +894,7 @@ def rtn_vs_pruning_scatter(
                     color="#d62828",
                     bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1},
                 )
-        ax.set_title(
-            f"{a} vs {b}\nSpearman $\\rho$ = {_fmt(rho)}, Jaccard(non-surv.) = "
-            + (_fmt(jac, ".2f") if jac is not None else "undefined (none damaged)"),
-            fontsize=8,
-        )
+        ax.set_title(_scatter_title(a, b, row), fontsize=8)
         ax.set_xlabel(f"damage 1 - r, {a}")
         ax.set_ylabel(f"damage 1 - r, {b}")
     t = thresholds(params)
@@ -942,3 +967,136 @@ def stability(
     ]
     ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     _save(fig, out)
+
+
+def outlier_diagnostics(
+    outliers_path: str | Path, out: str | Path, variants: VariantBits | None = None
+) -> None:
+    """Why the model is fragile under per-channel RTN (the FP model; ``variants`` unused):
+    per layer the residual stream's largest dimension and first-token norm against the
+    typical one, and the attention mass on position 0 against uniform attention; per block
+    matrix the input-column absmax max/median (what per-output-channel RTN's scale
+    suffers from), and the kurtosis of weights and residual stream."""
+    del variants  # one model, no variants: the signature every figure has
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    table = pl.read_parquet(outliers_path)
+    title = "Outlier diagnostics of the FP model"
+    layers = table.filter(pl.col("scope") == "layer").sort("layer")
+    matrices = table.filter(pl.col("scope") == "matrix").sort("layer", maintain_order=True)
+    if layers.height == 0 and matrices.height == 0:
+        _message_figure(out, title, "no outlier diagnostics (empty table)")
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(11.0, 7.5), squeeze=False)
+    (ratios_ax, sink_ax), (cols_ax, kurt_ax) = axes
+
+    # (a) residual stream: largest dimension / median, first token / the rest
+    series = [
+        ("dim_ratio", "largest dim / median dim (mean |act|)", "#264653", "o"),
+        ("first_token_norm_ratio", "first-token norm / mean of the rest", "#e76f51", "s"),
+    ]
+    drawn = False
+    for col, label, color, marker in series:
+        rows = layers.filter(_finite(col))
+        if rows.height:
+            ratios_ax.plot(rows["layer"], rows[col], marker=marker, color=color, label=label)
+            drawn = True
+    if drawn:
+        ratios_ax.axhline(1.0, color="#888888", ls=":", lw=1)
+        _ratio_scale(ratios_ax, layers, ["dim_ratio", "first_token_norm_ratio"])
+        ratios_ax.set_xlabel("layer (residual stream after the block)")
+        ratios_ax.set_ylabel("ratio (1 = no outlier)")
+        ratios_ax.legend(fontsize=7)
+    else:
+        _message(ratios_ax, "no residual-stream ratios")
+    ratios_ax.set_title("Massive residual dimensions and first token", fontsize=9)
+
+    # (b) attention sink: mass on position 0, beside uniform causal attention
+    sinks = layers.filter(_finite("sink_score"))
+    if sinks.height:
+        sink_ax.plot(sinks["layer"], sinks["sink_score"], marker="o", color="#7b2cbf",
+                     label="attention on position 0")  # fmt: skip
+        if "sink_uniform" in sinks.columns and sinks.filter(_finite("sink_uniform")).height:
+            uniform = sinks.filter(_finite("sink_uniform"))
+            sink_ax.plot(uniform["layer"], uniform["sink_uniform"], ls="--", color="#888888",
+                         label="uniform causal attention")  # fmt: skip
+        sink_ax.set_ylim(0, 1.02)
+        sink_ax.set_xlabel("layer")
+        sink_ax.set_ylabel("mean attention probability")
+        sink_ax.legend(fontsize=7)
+    else:
+        _message(sink_ax, "no sink score (sequences of one token)")
+    sink_ax.set_title("Attention sink (heads, queries after the first)", fontsize=9)
+
+    # (c) per block matrix: input-column absmax max/median, one bar per matrix
+    cols = matrices.filter(_finite("col_absmax_ratio"))
+    if cols.height:
+        sns.barplot(
+            data=cols.to_pandas(),
+            x="layer",
+            y="col_absmax_ratio",
+            hue="matrix",
+            hue_order=list(dict.fromkeys(cols["matrix"].to_list())),
+            palette="deep",
+            ax=cols_ax,
+        )
+        cols_ax.axhline(1.0, color="#888888", ls=":", lw=1)
+        _ratio_scale(cols_ax, cols, ["col_absmax_ratio"], bars=True)
+        cols_ax.set_xlabel("layer")
+        cols_ax.set_ylabel("max / median input-column absmax")
+        cols_ax.legend(fontsize=6, title=None, ncol=2, loc="upper left")
+    else:
+        _message(cols_ax, "no block matrix with a nonzero median column absmax")
+    cols_ax.set_title("Large input columns (what hurts per-output-channel RTN)", fontsize=9)
+
+    # (d) kurtosis: weights per matrix, residual stream per layer; a Gaussian has 3
+    weights = matrices.filter(_finite("weight_kurtosis"))
+    acts = layers.filter(_finite("act_kurtosis"))
+    if weights.height or acts.height:
+        if weights.height:
+            sns.stripplot(
+                data=weights.to_pandas(),
+                x="layer",
+                y="weight_kurtosis",
+                hue="matrix",
+                hue_order=list(dict.fromkeys(weights["matrix"].to_list())),
+                palette="deep",
+                native_scale=True,
+                jitter=0.15,
+                size=5,
+                legend=False,
+                ax=kurt_ax,
+            )
+        if acts.height:
+            kurt_ax.plot(acts["layer"], acts["act_kurtosis"], marker="D", color="black",
+                         label="residual stream")  # fmt: skip
+        kurt_ax.axhline(3.0, color="#888888", ls=":", lw=1, label="Gaussian (3)")
+        _ratio_scale(kurt_ax, pl.concat([weights.select(k=pl.col("weight_kurtosis")),
+                                         acts.select(k=pl.col("act_kurtosis"))]), ["k"])  # fmt: skip
+        kurt_ax.set_xlabel("layer")
+        kurt_ax.set_ylabel("Pearson kurtosis")
+        kurt_ax.legend(fontsize=7)
+    else:
+        _message(kurt_ax, "no kurtosis defined")
+    kurt_ax.set_title("Kurtosis: weights (dots, colored as above) and residual", fontsize=9)
+    for ax in (ratios_ax, sink_ax, kurt_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))
+    fig.suptitle(title)
+    _save(fig, out)
+
+
+def _ratio_scale(ax: Axes, table: pl.DataFrame, cols: Sequence[str], bars: bool = False) -> None:
+    """Logarithmic y when the values span more than tenfold (plain numbers on the ticks),
+    else linear: from 0 for bars, around the data and the reference line otherwise."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    values = np.concatenate([table.filter(_finite(c))[c].to_numpy() for c in cols])
+    if values.size and values.max() > 10 * max(values.min(), 1e-12):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        if bars:  # from below 1, with room for the legend above the tallest bar
+            ax.set_ylim(0.8, 5.0 * float(values.max()))
+    elif bars:
+        ax.set_ylim(0, 1.45 * float(values.max()) if values.size else 1.0)  # room for the legend

@@ -20,6 +20,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .config import FROM_SCHEMA, ConfigSection, check_predictors
+from .survival import INSUFFICIENT
 
 Predictor = Callable[[pl.DataFrame], np.ndarray]
 PREDICTORS: dict[str, Predictor] = {}
@@ -88,6 +89,15 @@ def _active(table: pl.DataFrame) -> pl.DataFrame:
     return table.filter(pl.col("active"))
 
 
+def _labelled(table: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Active features with a label, and how many active ones have none: a feature of
+    class "insufficient" (its interval on r straddles a threshold) is neither survived
+    nor not, so it is left out of the predictor's labels, its folds and its AUCs."""
+    active = _active(table)
+    unsure = (active.get_column("class") == INSUFFICIENT).fill_null(False)
+    return active.filter(~unsure), int(unsure.sum())
+
+
 def predictor_matrix(table: pl.DataFrame, names: tuple[str, ...]) -> np.ndarray:
     """[n_features, n_predictors] float64 matrix of the named predictors."""
     return np.column_stack([np.asarray(PREDICTORS[n](table), dtype=np.float64) for n in names])
@@ -106,9 +116,11 @@ def _model(seed: int) -> Pipeline:
 def predict_survival(
     feature_table: pl.DataFrame, cfg: PredictConfig = PredictConfig()
 ) -> dict[str, Any]:
-    """Cross-validated logistic regression of survived (vs not) over active features.
+    """Cross-validated logistic regression of survived (vs blurred or destroyed) over
+    active features; "insufficient" features are left out (`_labelled`).
 
-    Returns a dict: n, n_survived, n_dropped_nonfinite, predictors, auc_mean,
+    Returns a dict: n, n_survived, n_insufficient (active features left out for want
+    of evidence), n_dropped_nonfinite, predictors, auc_mean,
     auc_sd (sd over folds, ddof=0 as the reference study reports it), fold_aucs,
     coefficients (per standard
     deviation, fit on all rows), intercept, marginal_auc (raw predictor's AUC,
@@ -117,7 +129,7 @@ def predict_survival(
     a row), reason (None, or why AUCs are undefined). Degenerate data gives None
     AUCs and a reason, never an exception and never NaN.
     """
-    active = _active(feature_table)
+    active, n_insufficient = _labelled(feature_table)
     x_all = (
         predictor_matrix(active, cfg.predictors)
         if active.height
@@ -132,6 +144,7 @@ def predict_survival(
     out: dict[str, Any] = {
         "n": n,
         "n_survived": n_pos,
+        "n_insufficient": n_insufficient,
         "n_dropped_nonfinite": int((~finite).sum()),
         "predictors": list(cfg.predictors),
         "auc_mean": None,
@@ -148,7 +161,9 @@ def predict_survival(
     }
     minority = min(n_pos, n - n_pos)
     if n == 0:
-        out["reason"] = "no active features with finite predictors"
+        out["reason"] = "no active features with finite predictors" + (
+            f" outside the {n_insufficient} of insufficient evidence" if n_insufficient else ""
+        )
         return out
     if minority == 0:
         out["reason"] = f"only one class present ({'survived' if n_pos else 'not survived'})"
@@ -184,7 +199,8 @@ def predict_survival(
 
 
 def survival_by_quantile(feature_table: pl.DataFrame, predictor: str, q: int) -> pl.DataFrame:
-    """Survival fraction of active features per quantile bin of one predictor.
+    """Survival fraction of active features per quantile bin of one predictor
+    ("insufficient" features left out, as in `predict_survival`).
 
     Equal-count bins by rank (q=4 quartiles, q=10 deciles); tied values share a
     bin, so with ties some bins hold more features and an empty bin is omitted.
@@ -195,7 +211,7 @@ def survival_by_quantile(feature_table: pl.DataFrame, predictor: str, q: int) ->
         raise ValueError(f"predictor: unknown {predictor!r}; registered: {sorted(PREDICTORS)}")
     if q < 1:
         raise ValueError(f"q must be positive, got {q}")
-    active = _active(feature_table)
+    active, _ = _labelled(feature_table)
     values = np.asarray(PREDICTORS[predictor](active), dtype=np.float64)
     keep = np.isfinite(values)
     values = values[keep]
@@ -222,7 +238,7 @@ def survival_by_quantile(feature_table: pl.DataFrame, predictor: str, q: int) ->
 class PredictTables:
     """The predict stage's four tables."""
 
-    summary: pl.DataFrame  # per variant: n, n_survived, CV AUC mean and sd, intercept, reason
+    summary: pl.DataFrame  # per variant: n, n_survived, n_insufficient, CV AUC, intercept, reason
     coefficients: pl.DataFrame  # per variant and predictor: coefficient, marginal AUCs
     oof: pl.DataFrame  # per variant and feature: out-of-fold probability (null: unscored), label
     quantiles: pl.DataFrame  # per variant, predictor and q: survival by quantile bin
@@ -296,7 +312,7 @@ def predict_tables(by_variant: dict[str, pl.DataFrame], cfg: PredictConfig) -> P
     )
 
 
-_SUMMARY = ("n", "n_survived", "auc_mean", "auc_sd", "intercept", "reason")
+_SUMMARY = ("n", "n_survived", "n_insufficient", "auc_mean", "auc_sd", "intercept", "reason")
 _QUANTILE_SCHEMA = {
     "variant": pl.String, "predictor": pl.String, "q": pl.Int32, "bin": pl.Int64, "n": pl.UInt32,
     "predictor_min": pl.Float64, "predictor_max": pl.Float64, "survived_frac": pl.Float64,

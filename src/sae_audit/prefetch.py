@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import FIXTURE
+from .config import FIXTURE, FIXTURE_MODELS
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class FetchItem:
 
 
 def _is_local(source: str) -> bool:
-    return source == FIXTURE or Path(source).exists() or source.startswith((".", "/"))
+    return source in FIXTURE_MODELS or Path(source).exists() or source.startswith((".", "/"))
 
 
 def plan(config: Mapping[str, Any]) -> list[FetchItem]:

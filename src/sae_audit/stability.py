@@ -17,7 +17,7 @@ import polars as pl
 from .config import FROM_SCHEMA, ConfigSection
 from .correlate import SufficientSums, TokenFilter, accumulate_selections, pearson_from_sums
 from .shards import Expected, code_set_metadata, pair_shards
-from .survival import CLASSES, SurvivalConfig, classify
+from .survival import CLASSES, SurvivalConfig, classify, interval
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,11 @@ def stability_table(
 ) -> pl.DataFrame:
     """Class fractions per variant for each token budget and random subset.
 
-    Active features are re-derived inside each selection (FP firing rate on
-    those tokens), as a smaller study would have seen them. Shards are verified as
-    `shards.pair_shards` does; with `check_variants`, each shard must say it is of
-    the variant it is listed under.
+    Active features are re-derived inside each selection (FP firing rate on those
+    tokens), as a smaller study would have seen them, and so are the intervals on r
+    (from the support within the selection): a smaller budget leaves more features
+    "insufficient". Shards are verified as `shards.pair_shards` does; with
+    `check_variants`, each shard must say it is of the variant it is listed under.
     """
     fp_paths = [Path(p) for p in fp_paths]
     metas = code_set_metadata(fp_paths, "fp" if check_variants else None, expect)
@@ -78,7 +79,9 @@ def stability_table(
         for (kind, fraction, subset, _), acc in zip(specs, sums, strict=True):
             r, _flags = pearson_from_sums(acc)
             active = acc.fire_x / acc.n > survival.active_rate
-            classes = classify(pl.Series("r", r[active]), survival)
+            # each r's interval from its support within the selection, as survival does
+            lo, hi = interval(r[active], acc.n_support[active], survival)
+            classes = classify(pl.Series("r", r[active]), survival, lo, hi)
             counts = {c: int((classes == c).sum()) for c in CLASSES}
             n_active = int(active.sum())
             rows.append(

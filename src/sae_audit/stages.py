@@ -39,10 +39,13 @@ if TYPE_CHECKING:
     from .damaged_contexts import ContextConfig
     from .encode import EncodeConfig
     from .fixture import CorpusConfig, ModelTrainConfig, SAETrainConfig, TokenizerConfig
+    from .fixture.reparam import ReparamConfig
     from .match_sparsity import MatchedConfig
     from .models import ModelSpec
+    from .outliers import OutliersConfig
     from .perplexity import PerplexityConfig
     from .predict import PredictConfig
+    from .seed_turnover import SeedTurnoverConfig
     from .stability import StabilityConfig
     from .survival import SurvivalConfig
     from .threshold_grid import ThresholdGridConfig
@@ -126,6 +129,35 @@ def fixture_sae(
     return train_sae(section(SAETrainConfig, sae), model, train, out)
 
 
+@stage
+def fixture_sae_twin(
+    *,
+    sae: SAETrainConfig | Mapping[str, Any],
+    model: str | Path,
+    train: str | Path,
+    out: str | Path,
+) -> dict[str, Any]:
+    """The fixture SAE again with `fixture.sae.twin_seed` as its seed (for seed_turnover)."""
+    from .fixture import SAETrainConfig, train_sae
+
+    return train_sae(section(SAETrainConfig, sae).twin(), model, train, out)
+
+
+@stage
+def fixture_reparam(
+    *, reparam: ReparamConfig | Mapping[str, Any], model: str | Path, out: str | Path
+) -> dict[str, Any]:
+    """The planted control (`fixture.reparam`): a function-preserving reparameterized copy of
+    the fixture model with one large MLP input column, checked to compute the same logits
+    and recorded as what it is (reparam.json); never a trained result."""
+    from .fixture.reparam import ReparamConfig, build_reparam
+
+    record = build_reparam(section(ReparamConfig, reparam), model, out)
+    log.info("%s: %s", record["what"], {k: record[k] for k in ("scale", "dim", "layers")})
+    log.info("function check: %s", record["function_check"])
+    return record
+
+
 # ---------------------------------------------------------------- tokens, checkpoints, codes
 @stage
 def tokenize(
@@ -185,7 +217,8 @@ def compress(
     out: str | Path,
 ) -> str:
     """One variant's checkpoint from the base model; `matched` is the search result
-    (at most one file) that gives a matched-pruning variant its sparsity.
+    (at most one file) that gives a matched-pruning variant its sparsity. The noise null
+    (fp-noise) records the other dtype than `model.dtype` to run in.
 
     Shipped formats (lc-, gguf-, ext-) take their config `entry` (compression.<section>.<key>);
     llm-compressor variants also the calibration token set (`calibration`).
@@ -213,6 +246,7 @@ def compress(
         extra=extra,
         entry=dict(entry) if entry else None,
         calibration=calibration_ids,
+        dtype=spec.dtype,  # only fp-noise reads it (the rule passes it for that variant alone)
     )
     log.info("wrote %s (%s)", path, read_manifest(path)["method"])
     return str(path)
@@ -411,6 +445,40 @@ def sliding_perplexity(
     return result
 
 
+@stage
+def outliers(
+    *,
+    model: ModelSpec | Mapping[str, Any],
+    outliers: OutliersConfig | Mapping[str, Any],
+    encode: EncodeConfig | Mapping[str, Any],
+    base: str,
+    tokens: Paths,
+    out: str | Path,
+) -> dict[str, Any]:
+    """Outlier diagnostics of the FP model (`outliers.outlier_table`): per block matrix
+    and per layer's residual stream on the first `outliers.n_sequences` evaluation
+    sequences; the device is `encode.device`."""
+    from .checkpoints import load_run_model
+    from .encode import EncodeConfig
+    from .models import ModelSpec, resolve_device
+    from .outliers import OutliersConfig, outlier_table, summarize
+
+    spec = section(ModelSpec, model)
+    device = resolve_device(section(EncodeConfig, encode).device)
+    net = load_run_model(
+        base,
+        dtype=spec.dtype,
+        revision=spec.revision,
+        attn_implementation=spec.attn_implementation,
+        device=device,
+    )
+    table = outlier_table(net, load_token_ids(tokens), section(OutliersConfig, outliers), device)
+    write_parquet(table, out)
+    summary = summarize(table)
+    log.info("outliers: %s", summary)
+    return summary
+
+
 # ---------------------------------------------------------------- tables
 @stage
 def fp_stats(
@@ -433,16 +501,23 @@ def correlate(
     variant: Paths,
     variant_name: str | None = None,
     expect: Mapping[str, Any] | None = None,
+    analysis: SurvivalConfig | Mapping[str, Any] | None = None,
     out: str | Path,
 ) -> dict[str, Any]:
-    """Per-feature Pearson r between the FP and one variant's codes."""
+    """Per-feature Pearson r between the FP and one variant's codes, with its support and
+    its interval at `analysis.confidence` (the rule passes only that key, so changing a
+    class threshold re-runs no correlation)."""
     from .correlate import correlate_variant
+    from .survival import SurvivalConfig
 
     table = correlate_variant(
         [Path(p) for p in fp],
         [Path(p) for p in variant],
         variant=variant_name,
         expect=Expected.from_dict(expect),
+        confidence=(
+            SurvivalConfig() if analysis is None else section(SurvivalConfig, analysis)
+        ).confidence,
     )
     write_parquet(table, out)
     return {"n_features": table.height, "flags": table["flag"].value_counts().to_dicts()}
@@ -490,20 +565,45 @@ def survival(
     perplexity: str | Path,
     features_out: str | Path,
     summary_out: str | Path,
+    seed_turnover: Paths = (),
 ) -> pl.DataFrame:
-    """Per-feature classes for every variant (long table) and the per-variant summary."""
+    """Per-feature classes for every variant (long table) and the per-variant summary;
+    with a seed_turnover table (at most one), the seed-stability shares too."""
     from .survival import SurvivalConfig, survival_tables
 
+    if len(seed_turnover) > 1:
+        raise InputError(f"survival takes at most one seed_turnover table, got {seed_turnover}")
     features, summary = survival_tables(
         read_parquet(fp_stats),
         {name: read_parquet(path) for name, path in correlation.items()},
         read_parquet(perplexity),
         section(SurvivalConfig, analysis),
+        read_parquet(seed_turnover[0]) if seed_turnover else None,
     )
     write_parquet(features, features_out)
     write_parquet(summary, summary_out)
     write_csv(summary, Path(summary_out).with_suffix(".csv"))
     return summary
+
+
+@stage
+def seed_turnover(
+    *,
+    seed_turnover: SeedTurnoverConfig | Mapping[str, Any],
+    sae: str | Path,
+    twin: str | Path,
+    out: str | Path,
+) -> pl.DataFrame:
+    """Per feature of the SAE: the best decoder cosine to the twin SAE (another seed), and
+    whether it is seed-stable (`seed_turnover.stable`)."""
+    from .seed_turnover import SeedTurnoverConfig, read_decoder, turnover_table
+
+    table = turnover_table(
+        read_decoder(sae), read_decoder(twin), section(SeedTurnoverConfig, seed_turnover)
+    )
+    write_parquet(table, out)
+    log.info("seed-stable features: %d of %d", int(table["stable"].sum()), table.height)
+    return table
 
 
 def _by_variant(features_path: str | Path) -> dict[str, pl.DataFrame]:

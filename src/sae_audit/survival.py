@@ -1,61 +1,120 @@
-"""Feature classes (survived / blurred / destroyed) and per-variant summaries."""
+"""Feature classes (survived / blurred / destroyed / insufficient) and per-variant summaries.
+
+A feature is classed by the confidence interval of its r (`correlate.fisher_interval`,
+n = its support), not by r alone: survived when the whole interval lies above
+``analysis.survived``, destroyed when it lies below ``analysis.destroyed``, blurred when
+it lies between them, and "insufficient" (insufficient evidence) when it straddles a
+threshold. r and damage = 1 - r stay the point values.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import overload
 
+import numpy as np
 import polars as pl
 
 from .config import FROM_SCHEMA, ConfigSection, check_survival_thresholds
+from .correlate import fisher_interval
 
-CLASSES = ("survived", "blurred", "destroyed")
+INSUFFICIENT = "insufficient"
+# The three evidence classes, then "insufficient": every active feature is in exactly one.
+CLASSES = ("survived", "blurred", "destroyed", INSUFFICIENT)
 
 
 @dataclass(frozen=True)
 class SurvivalConfig(ConfigSection, section="analysis"):
-    """Thresholds: active means FP firing rate > active_rate; classes cut r."""
+    """Thresholds: active means FP firing rate > active_rate; classes cut r's interval,
+    two-sided at level ``confidence`` (0: the point r, no interval)."""
 
     active_rate: float = FROM_SCHEMA
     survived: float = FROM_SCHEMA
     destroyed: float = FROM_SCHEMA
+    confidence: float = FROM_SCHEMA
 
     def _check(self) -> None:
         check_survival_thresholds(self.to_dict(), self.section)
 
 
 @overload
-def classify(r: pl.Expr, cfg: SurvivalConfig = ...) -> pl.Expr: ...
+def classify(
+    r: pl.Expr,
+    cfg: SurvivalConfig = ...,
+    lo: pl.Expr | None = ...,
+    hi: pl.Expr | None = ...,
+) -> pl.Expr: ...
 @overload
-def classify(r: pl.Series, cfg: SurvivalConfig = ...) -> pl.Series: ...
-def classify(r: pl.Expr | pl.Series, cfg: SurvivalConfig = SurvivalConfig()) -> pl.Expr | pl.Series:
-    """Class of each r: survived r > survived; blurred destroyed <= r <= survived;
-    destroyed r < destroyed. Null or NaN r gives a null class (polars orders NaN
-    above every number, so it must not reach the comparisons)."""
+def classify(
+    r: pl.Series,
+    cfg: SurvivalConfig = ...,
+    lo: pl.Series | None = ...,
+    hi: pl.Series | None = ...,
+) -> pl.Series: ...
+def classify(
+    r: pl.Expr | pl.Series,
+    cfg: SurvivalConfig = SurvivalConfig(),
+    lo: pl.Expr | pl.Series | None = None,
+    hi: pl.Expr | pl.Series | None = None,
+) -> pl.Expr | pl.Series:
+    """Class of each r from its interval [lo, hi] (without one: the point, lo = hi = r).
+
+    survived lo > survived; destroyed hi < destroyed; blurred destroyed <= lo and
+    hi <= survived; otherwise "insufficient" (the interval straddles a threshold). With
+    the point these are the plain cuts: survived r > survived, blurred destroyed <= r
+    <= survived, destroyed r < destroyed. A null or NaN r or bound gives a null class
+    (polars orders NaN above every number, so it must not reach the comparisons)."""
     if isinstance(r, pl.Series):
-        return pl.select(classify(pl.lit(r), cfg).alias(r.name)).to_series()
+        lo_s, hi_s = (r if b is None else b for b in (lo, hi))
+        assert isinstance(lo_s, pl.Series) and isinstance(hi_s, pl.Series)
+        return pl.select(
+            classify(pl.lit(r), cfg, pl.lit(lo_s), pl.lit(hi_s)).alias(r.name)
+        ).to_series()
+    lo_e = r if lo is None else lo
+    hi_e = r if hi is None else hi
+    assert isinstance(lo_e, pl.Expr) and isinstance(hi_e, pl.Expr)
+    undefined = pl.any_horizontal(e.is_null() | e.is_nan() for e in (r, lo_e, hi_e))
     return (
-        pl.when(r.is_null() | r.is_nan())
+        pl.when(undefined)
         .then(pl.lit(None, dtype=pl.String))
-        .when(r > cfg.survived)
+        .when(lo_e > cfg.survived)
         .then(pl.lit("survived"))
-        .when(r >= cfg.destroyed)
+        .when(hi_e < cfg.destroyed)
+        .then(pl.lit("destroyed"))
+        .when((lo_e >= cfg.destroyed) & (hi_e <= cfg.survived))
         .then(pl.lit("blurred"))
-        .otherwise(pl.lit("destroyed"))
+        .otherwise(pl.lit(INSUFFICIENT))
+    )
+
+
+def interval(
+    r: pl.Series | np.ndarray, n_support: pl.Series | np.ndarray, cfg: SurvivalConfig
+) -> tuple[pl.Series, pl.Series]:
+    """(r_lo, r_hi) at ``cfg.confidence`` (`correlate.fisher_interval`); null where r is."""
+    r_np = np.asarray(pl.Series(r).cast(pl.Float64).to_numpy(), dtype=np.float64)
+    n_np = np.asarray(pl.Series(n_support).cast(pl.Float64).to_numpy(), dtype=np.float64)
+    lo, hi = fisher_interval(r_np, np.nan_to_num(n_np, nan=0.0), cfg.confidence)
+    return (
+        pl.Series("r_lo", lo).fill_nan(None),
+        pl.Series("r_hi", hi).fill_nan(None),
     )
 
 
 def feature_table(
     fp_stats: pl.DataFrame, correlation: pl.DataFrame, cfg: SurvivalConfig = SurvivalConfig()
 ) -> pl.DataFrame:
-    """Join FP statistics with one variant's correlations; add active, class, damage.
+    """Join FP statistics with one variant's correlations; add active, r_lo, r_hi,
+    class, damage.
 
-    ``class`` is null for inactive features (their r says nothing about
-    survival); ``damage`` = 1 - r for every feature.
+    ``r_lo``/``r_hi`` are r's interval at ``cfg.confidence`` from the correlation's
+    ``n_support`` (recomputed here, so the survival config alone decides the classes;
+    the correlation table's own bounds are at the confidence its job was given, the
+    same key). ``class`` is `classify` of that interval, null for inactive features
+    (their r says nothing about survival); ``damage`` = 1 - r for every feature.
     """
     for name, df, cols in (
         ("fp_stats", fp_stats, ("feature", "firing_rate")),
-        ("correlation", correlation, ("feature", "r")),
+        ("correlation", correlation, ("feature", "r", "n_support")),
     ):
         missing = [c for c in cols if c not in df.columns]
         if missing:
@@ -64,24 +123,31 @@ def feature_table(
         raise ValueError(
             f"fp_stats has {fp_stats.height} features, correlation has {correlation.height}"
         )
-    # n_tokens appears on both sides; keep the FP one.
+    # n_tokens appears on both sides; keep the FP one. The bounds are recomputed.
     corr = correlation.drop(
         [c for c in correlation.columns if c in fp_stats.columns and c != "feature"]
+        + [c for c in ("r_lo", "r_hi") if c in correlation.columns]
     )
     table = fp_stats.join(corr, on="feature", how="inner", validate="1:1")
     if table.height != fp_stats.height:
         raise ValueError("fp_stats and correlation cover different feature ids")
+    table = table.sort("feature")
+    r_lo, r_hi = interval(table["r"], table["n_support"], cfg)
+    at = table.columns.index("r") + 1
+    table = table.insert_column(at, r_hi).insert_column(at, r_lo)
     active = pl.col("firing_rate") > cfg.active_rate
-    return table.sort("feature").with_columns(
+    return table.with_columns(
         active.alias("active"),
-        pl.when(active).then(classify(pl.col("r"), cfg)).alias("class"),
+        pl.when(active)
+        .then(classify(pl.col("r"), cfg, pl.col("r_lo"), pl.col("r_hi")))
+        .alias("class"),
         (1.0 - pl.col("r")).alias("damage"),
     )
 
 
 def class_fractions(cls: pl.Expr) -> list[pl.Expr]:
-    """Counts and % of active features per class; with no active feature the % are
-    undefined (null, not NaN)."""
+    """Counts and % of active features per class (`CLASSES`, "insufficient" included, so
+    the four % sum to 100); with no active feature the % are undefined (null, not NaN)."""
     n = pl.len()
     return [
         n.alias("n_active"),
@@ -95,7 +161,10 @@ def summary(
 ) -> pl.DataFrame:
     """One row per variant: n_active, class counts and % of active features, mean
     and median r over active features; perplexity columns (a frame with a
-    ``variant`` column) left-joined when given."""
+    ``variant`` column) left-joined when given. Where the tables carry ``stable``
+    (`seed_turnover`), also unstable_pct (% of active features not seed-stable) and
+    destroyed_unstable_pct (% of destroyed features not seed-stable; null with none
+    destroyed): 'destroyed' read against features not stable even without compression."""
     rows = []
     for variant, table in tables.items():
         active = table.filter(pl.col("active"))
@@ -106,6 +175,7 @@ def summary(
             (pl.col("flag") == "variant_silent").sum().alias("n_variant_silent")
             if "flag" in active.columns
             else pl.lit(0, dtype=pl.UInt32).alias("n_variant_silent"),
+            *(_turnover_columns() if "stable" in active.columns else []),
         ).with_columns(pl.lit(variant).alias("variant"))
         rows.append(row)
     if not rows:
@@ -118,14 +188,35 @@ def summary(
     return out
 
 
+def _turnover_columns() -> list[pl.Expr]:
+    unstable = ~pl.col("stable")
+    destroyed = pl.col("class") == "destroyed"
+    n_destroyed = destroyed.sum()
+    return [
+        pl.when(pl.len() > 0).then(100.0 * unstable.sum() / pl.len()).alias("unstable_pct"),
+        pl.when(n_destroyed > 0)
+        .then(100.0 * (destroyed & unstable).sum() / n_destroyed)
+        .alias("destroyed_unstable_pct"),
+    ]
+
+
 def survival_tables(
     fp_stats: pl.DataFrame,
     correlations: dict[str, pl.DataFrame],
     perplexity: pl.DataFrame | None,
     cfg: SurvivalConfig,
+    turnover: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(per feature and variant: the long features table, per variant: the summary)."""
+    """(per feature and variant: the long features table, per variant: the summary).
+
+    With a seed-turnover table (`seed_turnover.turnover_table`) each feature also carries
+    ``stable``, and the summary its read-against shares (`summary`)."""
+    if turnover is not None and set(turnover["feature"]) != set(fp_stats["feature"]):
+        raise ValueError("seed_turnover and fp_stats cover different feature ids")
     tables = {v: feature_table(fp_stats, corr, cfg) for v, corr in correlations.items()}
+    if turnover is not None:
+        stable = turnover.select("feature", "stable")
+        tables = {v: t.join(stable, on="feature", how="left") for v, t in tables.items()}
     long = pl.concat(
         [t.with_columns(pl.lit(v).alias("variant")) for v, t in tables.items()],
         how="vertical_relaxed",

@@ -8,6 +8,8 @@ Grammar:
   prune-{s}                   per-tensor magnitude pruning at sparsity s (0 < s < 1)
   prune-matched-{target}      magnitude pruning with sparsity chosen to match a target variant's perplexity
   fp-null                     the FP model again, run as if it were compressed (stability check)
+  fp-noise                    the FP weights through another numeric path (the other dtype):
+                              the numeric-noise null, the floor under which nothing is damage
   lc-{key}                    made by llm-compressor's oneshot: compression.llmcompressor.{key}
   gguf-{key}                  written as a GGUF file: compression.gguf.{key}
   ext-{key}                   an artifact made elsewhere: compression.external.{key}
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 VariantKind = Literal[
-    "fp", "null", "rtn", "prune", "prune-matched", "llmcompressor", "gguf", "external"
+    "fp", "null", "noise", "rtn", "prune", "prune-matched", "llmcompressor", "gguf", "external"
 ]
 # Config section under `compression` and name prefix of each shipped-format kind.
 SHIPPED: dict[str, tuple[str, VariantKind]] = {
@@ -90,6 +92,8 @@ def parse_variant(name: str) -> Variant:
         return Variant(name=name, kind="fp")
     if name == "fp-null":
         return Variant(name=name, kind="null")
+    if name == "fp-noise":
+        return Variant(name=name, kind="noise")
     if m := _RTN.match(name):
         bits = int(m["bits"])
         if not 2 <= bits <= 16:
@@ -110,7 +114,7 @@ def parse_variant(name: str) -> Variant:
         return Variant(name=name, kind=cast(VariantKind, kind), key=m["key"])
     if m := _MATCHED.match(name):
         target = parse_variant(m["target"])
-        if target.kind in ("fp", "null", "prune-matched"):
+        if target.kind in ("fp", "null", "noise", "prune-matched"):
             raise ValueError(
                 f"variant {name!r}: matched pruning needs a compressed target (rtn, prune, "
                 "lc, gguf or ext), not another matched or FP variant"
@@ -122,8 +126,8 @@ def parse_variant(name: str) -> Variant:
             raise ValueError(f"variant {name!r}: sparsity must be in (0, 1)")
         return Variant(name=name, kind="prune", sparsity=sparsity)
     raise ValueError(
-        f"unknown variant {name!r}: expected 'fp', 'fp-null', 'rtn-int<b>[-g<G>][-asym|-full]', "
-        "'prune-<sparsity>', 'prune-matched-<target>', 'lc-<key>', 'gguf-<key>' or 'ext-<key>'"
+        f"unknown variant {name!r}: expected 'fp', 'fp-null', 'fp-noise', "
+        "'rtn-int<b>[-g<G>][-asym|-full]', 'prune-<sparsity>', 'prune-matched-<target>', 'lc-<key>', 'gguf-<key>' or 'ext-<key>'"
     )
 
 

@@ -40,9 +40,11 @@ rule correlate:
         fp=lambda w: code_files(w.model, "fp", w.sae),
         variant=lambda w: code_files(w.model, w.variant, w.sae),
         expect=lambda w: shard_expectation(w.model, w.sae),
+        # only the interval's level: a class threshold change re-runs no correlation
+        analysis=dumps(confidence=config["analysis"]["confidence"]),
     shell:
         "sae-audit correlate --expect {params.expect:q} --fp {params.fp:q} --variant {params.variant:q} "
-        "--variant-name {wildcards.variant:q} --out {output:q} > {log:q} 2>&1"
+        "--variant-name {wildcards.variant:q} --analysis {params.analysis:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule perplexity:
@@ -74,6 +76,8 @@ rule survival:
             f"{R}/features/{w.model}/{w.sae}/{v}/correlation.parquet" for v in VARIANTS
         ],
         perplexity=f"{R}/tables/{{model}}/perplexity.parquet",
+        # read-against numbers where the basis has a twin SAE (rule seed_turnover)
+        seed_turnover=lambda w: seed_turnover_input(w.model, w.sae),
     output:
         features=f"{R}/tables/{{model}}/{{sae}}/features.parquet",
         summary=f"{R}/tables/{{model}}/{{sae}}/survival.parquet",
@@ -94,7 +98,28 @@ rule survival:
     shell:
         "sae-audit survival --analysis {params.analysis:q} --fp-stats {input.fp_stats:q} "
         "--correlation {params.correlation:q} --perplexity {input.perplexity:q} "
-        "--features-out {output.features:q} --summary-out {output.summary:q} > {log:q} 2>&1"
+        "--features-out {output.features:q} --summary-out {output.summary:q} "
+        "--seed-turnover {input.seed_turnover:q} > {log:q} 2>&1"
+
+
+rule seed_turnover:
+    input:
+        sae=lambda w: sae_dirs(w.model)[w.sae],
+        twin=lambda w: twin_sae_dir(w.model, w.sae),
+    output:
+        f"{R}/tables/{{model}}/{{sae}}/seed_turnover.parquet",
+    log:
+        f"{R}/logs/seed_turnover/{{model}}/{{sae}}.log",
+    benchmark:
+        f"{R}/benchmarks/seed_turnover/{{model}}/{{sae}}.tsv"
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        seed_turnover=dumps(config["seed_turnover"]),
+    shell:
+        "sae-audit seed-turnover --seed-turnover {params.seed_turnover:q} --sae {input.sae:q} "
+        "--twin {input.twin:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule predict:

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from sae_audit import config as audit_config
-from sae_audit.config import FIXTURE
+from sae_audit.config import FIXTURE, FIXTURE_REPARAM
 from sae_audit.shards import encode_hash
 
 R = config["results"]
@@ -54,19 +54,27 @@ def dumps(*slices, **named):
     )
 
 
-def fixture_model_dir():
-    return f"{R}/fixture/model"
+# The model directories the fixture rules build, by model source: the trained fixture
+# and the planted control (rule fixture_reparam, a reparameterized copy of it).
+FIXTURE_MODEL_DIRS = {
+    FIXTURE: f"{R}/fixture/model",
+    FIXTURE_REPARAM: f"{R}/fixture/model-reparam",
+}
+
+
+def fixture_model_dir(source=FIXTURE):
+    return FIXTURE_MODEL_DIRS[source]
 
 
 def base_model(wildcards):
-    """The FP model's source: the built fixture, or a hub id / local path from the config."""
+    """The FP model's source: a built fixture model, or a hub id / local path from the config."""
     source = model_cfg(wildcards.model)["model"]["source"]
-    return fixture_model_dir() if source == FIXTURE else source
+    return FIXTURE_MODEL_DIRS.get(source, source)
 
 
 def base_model_input(wildcards):
     source = model_cfg(wildcards.model)["model"]["source"]
-    return [fixture_model_dir()] if source == FIXTURE else []
+    return [FIXTURE_MODEL_DIRS[source]] if source in FIXTURE_MODEL_DIRS else []
 
 
 def sae_dirs(model):
@@ -80,11 +88,30 @@ def sae_dirs(model):
     return dirs
 
 
+def twin_sae_dir(model, sae):
+    """The twin of a basis's SAE, where it has one (the fixture SAE with
+    fixture.sae.twin_seed set, fixture_sae_twin); else None (no seed_turnover table)."""
+    if model_cfg(model)["saes"][sae].get("source") != FIXTURE:
+        return None
+    if config["fixture"]["sae"]["twin_seed"] is None:
+        return None
+    return f"{R}/fixture/sae-twin"
+
+
+def seed_turnover_input(model, sae):
+    """The basis's seed_turnover table where it has a twin SAE (else none), read by
+    the survival summary."""
+    if twin_sae_dir(model, sae) is None:
+        return []
+    return [f"{R}/tables/{model}/{sae}/seed_turnover.parquet"]
+
+
 def saes(model):
     return audit_config.sae_names(config, model)
 
 
 def tokenizer_source(wildcards):
+    """The model's own directory: the fixture's reparameterized copy carries its tokenizer."""
     return base_model(wildcards)
 
 
@@ -140,6 +167,7 @@ def all_targets():
     targets = []
     for model in MODELS:
         targets.append(f"{R}/tables/{model}/perplexity.parquet")
+        targets.append(f"{R}/tables/{model}/outliers.parquet")
         for sae in saes(model):
             targets += basis_targets(model, sae)
     return targets
@@ -157,6 +185,7 @@ def basis_targets(model, sae):
             "threshold_grid",
             "damaged_contexts",
             "equal_bits",
+            *(["seed_turnover"] if twin_sae_dir(model, sae) else []),
         )
     ] + figure_targets(model, sae)
 

@@ -23,9 +23,14 @@ rule compress:
     params:
         base=base_model,
         # compress reads the base in float32 whatever the run dtype: dtype and attention
-        # are not its slice (changing them must not re-run every checkpoint)
+        # are not its slice (changing them must not re-run every checkpoint), except for
+        # the noise null, which records the other dtype to run in
         model=lambda w: dumps(
-            {k: model_cfg(w.model)["model"][k] for k in ("source", "revision")}
+            {
+                k: model_cfg(w.model)["model"][k]
+                for k in ("source", "revision")
+                + (("dtype",) if w.variant == "fp-noise" else ())
+            }
         ),
         entry=shipped_entry,
     shell:

@@ -69,6 +69,46 @@ rule fixture_sae:
         "../../envs/torch.yaml"
     threads: 2
     params:
-        sae=dumps(config["fixture"]["sae"]),
+        # without the twin's seed: changing it re-trains only the twin
+        sae=dumps({**config["fixture"]["sae"], "twin_seed": None}),
     shell:
         "sae-audit fixture-sae --sae {params.sae:q} --model {input.model:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
+
+
+# The same SAE config trained with fixture.sae.twin_seed (rule seed_turnover reads both).
+rule fixture_sae_twin:
+    input:
+        model=rules.fixture_model.output,
+        train=rules.fixture_corpus.output.train,
+    output:
+        directory(f"{R}/fixture/sae-twin"),
+    log:
+        f"{R}/logs/fixture_sae_twin.log",
+    benchmark:
+        f"{R}/benchmarks/fixture_sae_twin.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    params:
+        sae=dumps(config["fixture"]["sae"]),
+    shell:
+        "sae-audit fixture-sae-twin --sae {params.sae:q} --model {input.model:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
+
+
+# A planted control, not a trained model: the fixture model reparameterized (exactly, same
+# function) to have one large MLP input column (models with source: fixture-reparam).
+rule fixture_reparam:
+    input:
+        model=rules.fixture_model.output,
+    output:
+        directory(f"{R}/fixture/model-reparam"),
+    log:
+        f"{R}/logs/fixture_reparam.log",
+    benchmark:
+        f"{R}/benchmarks/fixture_reparam.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        reparam=dumps(config["fixture"]["reparam"]),
+    shell:
+        "sae-audit fixture-reparam --reparam {params.reparam:q} --model {input.model:q} --out {output:q} > {log:q} 2>&1"
