@@ -107,7 +107,7 @@ def test_workflow_runs_every_family_and_sae_architecture(tmp_path, monkeypatch):
     results = tmp_path / "results"
     for family, saes in BASES.items():
         ppl = pl.read_parquet(results / f"tables/{family}/perplexity.parquet")
-        assert set(ppl["variant"]) == {"fp", "rtn-int3"}
+        assert set(ppl["variant"]) == {"fp", "fp-noise", "rtn-int3"}  # the noise null in bf16
         # One NLL shard per (variant, shard), shared by all of the model's SAEs.
         assert len(list((results / f"nll/{family}/fp").glob("*.parquet"))) == 1
         for name, (_arch, hook) in saes.items():
