@@ -120,7 +120,7 @@ def test_workflow_runs_every_family_and_sae_architecture(tmp_path, monkeypatch):
                 48,
             )
             summary = pl.read_parquet(results / f"tables/{family}/{name}/survival.parquet")
-            assert summary["variant"].to_list() == ["rtn-int3"]
+            assert summary["variant"].to_list() == ["rtn-int3", "fp-noise"]
             assert (summary["n_active"] > 0).all()
     # The compressed checkpoints never touch a tied embedding.
     fp = load_model(tmp_path / "models/gemma2")

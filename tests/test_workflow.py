@@ -35,8 +35,8 @@ def test_end_to_end_outputs(finished_run: Path):
     # Compression damages features, more at fewer bits.
     assert by_variant["rtn-int2"]["survived_pct"] < by_variant["rtn-int8"]["survived_pct"]
     for row in by_variant.values():
-        total = row["survived_pct"] + row["blurred_pct"] + row["destroyed_pct"]
-        assert total == pytest.approx(100.0)
+        classes = ("survived_pct", "blurred_pct", "destroyed_pct", "insufficient_pct")
+        assert sum(row[c] for c in classes) == pytest.approx(100.0)
     # Perplexity beside the classes, and FP's perplexity change is zero.
     ppl = pl.read_parquet(results / "tables/fixture/perplexity.parquet")
     fp = ppl.filter(pl.col("variant") == "fp").to_dicts()[0]

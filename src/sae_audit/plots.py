@@ -529,7 +529,7 @@ def perplexity_vs_damage(
     ]
     _declutter(fig, texts)
     ax.set_xlabel("perplexity change vs FP (%)")
-    ax.set_ylabel("% of active features not surviving (blurred + destroyed)")
+    ax.set_ylabel("% of active features not surviving (blurred, destroyed, insufficient)")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="best")
     _save(fig, out)
