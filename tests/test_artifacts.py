@@ -21,7 +21,9 @@ from tests.conftest import save_tiny_model
 
 @pytest.fixture(scope="module")
 def neox(tmp_path_factory):
-    return save_tiny_model("gpt_neox", tmp_path_factory.mktemp("a") / "m", hidden=64, layers=2)
+    # wider than its vocabulary (64): the header's vocabulary is token_embd's second
+    # dimension, not its larger one
+    return save_tiny_model("gpt_neox", tmp_path_factory.mktemp("a") / "m", hidden=128, layers=2)
 
 
 def test_gguf_header_gives_the_shape_of_the_model_written(neox, tmp_path):
@@ -30,7 +32,7 @@ def test_gguf_header_gives_the_shape_of_the_model_written(neox, tmp_path):
     write_gguf(model, "Q8_0", path)
     assert resolve_format(path) == "gguf"
     shape = gguf_shape(path)
-    assert shape == ModelShape("gpt_neox", 64, 2, model.config.vocab_size)
+    assert shape == ModelShape("gpt_neox", 128, 2, 64) and model.config.vocab_size == 64
     assert artifact_shape(path, "gguf") == shape
     # a .bin name still reads as GGUF from its magic bytes
     renamed = path.rename(tmp_path / "m.bin")

@@ -104,7 +104,8 @@ def gguf_shape(path: str | Path) -> ModelShape:
         raise InputError(f"{path}: not a readable GGUF file ({e})") from e
     arch = field_value(reader, "general.architecture")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    vocab = int(max(embd.shape)) if embd is not None else None
+    # GGUF shapes list the fastest dimension first: token_embd is [n_embd, n_vocab]
+    vocab = int(embd.shape[-1]) if embd is not None else None
     return ModelShape(
         model_type=GGUF_ARCH_TO_MODEL_TYPE.get(str(arch), f"gguf:{arch}"),
         hidden_size=_int(field_value(reader, f"{arch}.embedding_length")),

@@ -178,7 +178,7 @@ def write_shipped(
 
         if calibration is None:
             raise ValueError(f"variant {variant.name!r} needs calibration tokens")
-        return make_llmcompressor_variant(base, entry, calibration, tmp, revision=revision)
+        return make_llmcompressor_variant(model, base, entry, calibration, tmp, revision=revision)
     if variant.kind == "gguf":
         from .gguf_checkpoint import write_gguf
 
@@ -288,18 +288,29 @@ def load_checkpoint(
             )
         dtype = method["dtype"]
     payload = read_payload(checkpoint_dir)
-    model = load_run_model(
+    model = _load_base(manifest, checkpoint_dir, dtype, device, attn_implementation)
+    try:
+        apply_state(model, payload, manifest["method"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise unreadable(checkpoint_dir / TENSORS, e, "compress") from e
+    return model
+
+
+def _load_base(
+    manifest: dict[str, Any],
+    checkpoint_dir: Path,
+    dtype: str,
+    device: str | torch.device,
+    attn_implementation: str | None,
+) -> nn.Module:
+    """The checkpoint's base model in the run dtype, as every forward pass runs it."""
+    return load_run_model(
         resolve_base(manifest, checkpoint_dir),
         dtype=dtype,
         revision=manifest.get("revision"),
         attn_implementation=attn_implementation,
         device=device,
     )
-    try:
-        apply_state(model, payload, manifest["method"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise unreadable(checkpoint_dir / TENSORS, e, "compress") from e
-    return model
 
 
 def load_shipped(
@@ -321,13 +332,7 @@ def load_shipped(
         )
         model = load_compressed_tensors(source, dtype, attn_implementation, device)
     else:
-        model = load_run_model(
-            resolve_base(manifest, checkpoint_dir),
-            dtype=dtype,
-            revision=manifest.get("revision"),
-            attn_implementation=attn_implementation,
-            device=device,
-        )
+        model = _load_base(manifest, checkpoint_dir, dtype, device, attn_implementation)
     if kind == "gguf" or fmt == "gguf":
         from .gguf_checkpoint import load_gguf_into
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .artifacts import field_value
 from .files import InputError, atomic_path
 from .models import target_weights
 
@@ -406,15 +407,10 @@ def _open(path: Path) -> gguf.GGUFReader:
         ) from e
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> Any:
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
-
-
 def _check_matches(reader: gguf.GGUFReader, path: Path, model: nn.Module, model_type: str) -> None:
     """InputError listing every hparam on which the file and the base model disagree."""
     config = _cfg(model)
-    arch = _field(reader, "general.architecture")
+    arch = field_value(reader, "general.architecture")
     want = _arch_name(model_type)
     if arch != want:
         raise InputError(
@@ -425,19 +421,19 @@ def _check_matches(reader: gguf.GGUFReader, path: Path, model: nn.Module, model_
     pairs: list[tuple[str, Any, str, Any]] = [
         (
             "embedding_length",
-            _field(reader, f"{arch}.embedding_length"),
+            field_value(reader, f"{arch}.embedding_length"),
             "hidden_size",
             config.hidden_size,
         ),
         (
             "block_count",
-            _field(reader, f"{arch}.block_count"),
+            field_value(reader, f"{arch}.block_count"),
             "num_hidden_layers",
             config.num_hidden_layers,
         ),
         (
             "head_count",
-            _field(reader, f"{arch}.attention.head_count"),
+            field_value(reader, f"{arch}.attention.head_count"),
             "num_attention_heads",
             config.num_attention_heads,
         ),
@@ -449,7 +445,7 @@ def _check_matches(reader: gguf.GGUFReader, path: Path, model: nn.Module, model_
         ),
     ]
     if model_type != "gpt_neox":
-        kv = _field(reader, f"{arch}.attention.head_count_kv")
+        kv = field_value(reader, f"{arch}.attention.head_count_kv")
         pairs.append(("head_count_kv", kv, "num_key_value_heads", _n_kv_heads(config)))
     problems = [
         f"{key} {mine} != base model's {theirs_key} {theirs}"
@@ -539,8 +535,8 @@ def gguf_info(path: str | Path) -> dict[str, Any]:
     """Architecture, file type and a histogram of tensor types, for logs and manifests."""
     path = Path(path)
     reader = _open(path)
-    arch = _field(reader, "general.architecture")
-    file_type = _field(reader, "general.file_type")
+    arch = field_value(reader, "general.architecture")
+    file_type = field_value(reader, "general.file_type")
     try:
         file_type_name = gguf.LlamaFileType(int(file_type)).name if file_type is not None else None
     except ValueError:
@@ -551,9 +547,9 @@ def gguf_info(path: str | Path) -> dict[str, Any]:
         "arch": arch,
         "file_type": file_type,
         "file_type_name": file_type_name,
-        "quantization_version": _field(reader, "general.quantization_version"),
-        "block_count": _field(reader, f"{arch}.block_count"),
-        "embedding_length": _field(reader, f"{arch}.embedding_length"),
+        "quantization_version": field_value(reader, "general.quantization_version"),
+        "block_count": field_value(reader, f"{arch}.block_count"),
+        "embedding_length": field_value(reader, f"{arch}.embedding_length"),
         "n_tensors": len(reader.tensors),
         "tensor_types": dict(sorted(types.items())),
         "file_size": path.stat().st_size,

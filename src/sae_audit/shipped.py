@@ -283,6 +283,7 @@ def apply_kv_scales(model: nn.Module, kind: str, scales: Mapping[str, torch.Tens
 
 # ---------------------------------------------------------------- checkpoints
 def make_llmcompressor_variant(
+    model: nn.Module,
     base: str,
     entry: Mapping[str, Any],
     ids: np.ndarray,
@@ -290,7 +291,8 @@ def make_llmcompressor_variant(
     revision: str | None = None,
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Run the entry's recipe on the float32 base and save what it made into `tmp`.
+    """Run the entry's recipe on `model` (the float32 base, changed in place) and save
+    what it made into `tmp`; `base` names it, for its tokenizer.
 
     Writes `tmp/model/` (compressed-tensors, when any llm-compressor modifier ran) and
     `tmp/kv_scales.safetensors` (when the family needs the workflow's KV cache). Returns
@@ -300,7 +302,6 @@ def make_llmcompressor_variant(
 
     from .tokens import load_tokenizer
 
-    model = load_model(base, dtype="float32", revision=revision)
     ct_kv = supports_ct_kv(model)
     recipe = build_recipe(entry, model, ct_kv)
     method: dict[str, Any] = {"kind": "llmcompressor", "entry": dict(entry)}

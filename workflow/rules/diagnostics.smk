@@ -24,7 +24,8 @@ rule outliers:
         tokens=lambda w: token_files(w.model),
         model=lambda w: dumps(model_cfg(w.model)["model"]),
         outliers=dumps(config["outliers"]),
-        encode=dumps(config["encode"]),
+        # only the device: a batch size change must not re-run the diagnostics
+        encode=dumps(device=config["encode"]["device"]),
     shell:
         "sae-audit outliers --model {params.model:q} --outliers {params.outliers:q} "
         "--encode {params.encode:q} --base {params.base:q} --tokens {params.tokens:q} "
