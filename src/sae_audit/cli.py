@@ -77,7 +77,8 @@ def _flag(param: inspect.Parameter) -> tuple[dict[str, Any], Callable[[Any], Any
     if optional:
         keywords["default"] = None
     if note.startswith("Mapping[str, Paths]"):  # NAME=PATH, several per name
-        return {**keywords, "nargs": "+", "metavar": "NAME=PATH"}, lambda v: _grouped(v or [])
+        nargs = "*" if optional else "+"
+        return {**keywords, "nargs": nargs, "metavar": "NAME=PATH"}, lambda v: _grouped(v or [])
     if note.startswith("Mapping[str, str]"):  # NAME=PATH
         nargs = "*" if optional else "+"
         return {**keywords, "nargs": nargs, "metavar": "NAME=PATH"}, lambda v: _pairs(v or [])

@@ -739,14 +739,15 @@ def equal_bits(
     pairs: list[list[str]],
     features: str | Path,
     fp: Paths,
-    codes: Mapping[str, Paths],
+    codes: Mapping[str, Paths] | None = None,
     tokens: Paths,
     tokenizer: str,
     expect: Mapping[str, Any] | None = None,
     out: str | Path,
 ) -> pl.DataFrame:
     """Per (RTN, shipped) pair at the same bits: the features the shipped format saves that
-    RTN destroys and back, with their top FP contexts (`damaged_contexts.n_features` each)."""
+    RTN destroys and back, with their top FP contexts (`damaged_contexts.n_features` each).
+    `codes` holds the code shards of the paired variants only (none without pairs)."""
     from .damaged_contexts import ContextConfig
     from .equal_bits import equal_bits as compare
     from .tokens import load_tokenizer
@@ -755,7 +756,7 @@ def equal_bits(
         _by_variant(features),
         pairs,
         fp,
-        codes,
+        codes or {},
         load_token_ids(tokens),
         load_tokenizer(tokenizer),
         section(ContextConfig, damaged_contexts),

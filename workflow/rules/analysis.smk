@@ -247,7 +247,9 @@ rule equal_bits:
     input:
         features=f"{R}/tables/{{model}}/{{sae}}/features.parquet",
         fp=lambda w: code_dirs(w.model, "fp"),
-        codes=lambda w: [d for v in VARIANTS for d in code_dirs(w.model, v)],
+        codes=lambda w: [
+            d for v in equal_bits_variants() for d in code_dirs(w.model, v)
+        ],
         tokens=token_dir,
         model=base_model_input,
     output:
@@ -263,7 +265,9 @@ rule equal_bits:
         pairs=dumps([list(p) for p in audit_config.equal_bits_pairs(config)]),
         fp=lambda w: code_files(w.model, "fp", w.sae),
         codes=lambda w: [
-            f"{v}={p}" for v in VARIANTS for p in code_files(w.model, v, w.sae)
+            f"{v}={p}"
+            for v in equal_bits_variants()
+            for p in code_files(w.model, v, w.sae)
         ],
         tokens=lambda w: token_files(w.model),
         tokenizer=tokenizer_source,

@@ -230,6 +230,11 @@ def calibration_text_inputs(wildcards):
     return calibration["paths"]
 
 
+def equal_bits_variants():
+    """The variants of config.equal_bits_pairs: what the equal_bits table reads."""
+    return sorted({v for pair in audit_config.equal_bits_pairs(config) for v in pair})
+
+
 def matched_input(wildcards):
     if wildcards.variant.startswith("prune-matched-"):
         return [f"{R}/matched/{wildcards.model}/{wildcards.variant}.json"]
