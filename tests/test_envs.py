@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_ONLY = {
     "torch",
     "sae-lens",
-    "safetensors",
     "snakemake",
     "llmcompressor",
     "compressed-tensors",

@@ -12,8 +12,6 @@ Torch-free: the decoders are read straight from sae-lens's ``sae_weights.safeten
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from .config import FROM_SCHEMA, ConfigSection
 
 WEIGHTS = "sae_weights.safetensors"
 # safetensors dtype names -> numpy (little-endian, as the format stores them)
-_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
 
 
 @dataclass(frozen=True)
@@ -35,26 +32,15 @@ class SeedTurnoverConfig(ConfigSection, section="seed_turnover"):
 
 
 def read_decoder(sae_dir: str | Path, name: str = "W_dec") -> np.ndarray:
-    """The (d_sae, d_in) decoder of a saved sae-lens SAE, as float64, without torch.
+    """The (d_sae, d_in) decoder of a saved sae-lens SAE, as float64, without torch
+    (safetensors' numpy loader)."""
+    from safetensors.numpy import load_file
 
-    The safetensors layout: an 8-byte little-endian header length, a JSON header giving
-    each tensor's dtype, shape and byte offsets (after the header), then the bytes.
-    """
     path = Path(sae_dir) / WEIGHTS
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        if name not in header:
-            raise ValueError(f"{path} holds no tensor {name!r} (has {sorted(header)})")
-        spec = header[name]
-        if spec["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: {name} is {spec['dtype']}, not one of {sorted(_DTYPES)}")
-        start, end = spec["data_offsets"]
-        f.seek(8 + n + start)
-        data = f.read(end - start)
-    return (
-        np.frombuffer(data, dtype=_DTYPES[spec["dtype"]]).reshape(spec["shape"]).astype(np.float64)
-    )
+    tensors = load_file(path)
+    if name not in tensors:
+        raise ValueError(f"{path} holds no tensor {name!r} (has {sorted(tensors)})")
+    return tensors[name].astype(np.float64)
 
 
 def _unit_rows(w: np.ndarray) -> np.ndarray:
