@@ -73,6 +73,7 @@ NO_SCHEMA_DEFAULT = {
 # Schema keys that no section dataclass reads, and who reads them instead.
 UNREAD = {
     "results",  # the Snakefile: the output root
+    "fixture.bundle",  # the fixture rules' --bundle flag (sae_audit.fixture.bundle)
     "models.*.reference",  # the workflow: a reference-comparison input file
     "models.*.tokens.paths",  # the workflow: the tokenize job's input files
     # the workflow rules' threads: / resources: of a model's heavy jobs

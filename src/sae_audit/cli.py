@@ -145,6 +145,44 @@ def _prefetch(a: argparse.Namespace) -> Any:
 
 
 @command(
+    "fixture-bundle",
+    lambda p: (
+        p.add_argument("--configfile", default="config/config.yaml"),
+        p.add_argument(
+            "--from",
+            dest="fixture_dir",
+            help="a fixture directory the workflow built from this config file with "
+            "fixture.bundle: false (results/fixture); default: build one now",
+        ),
+        p.add_argument("--out", help="the bundle directory; default: the package's"),
+        p.add_argument(
+            "--check",
+            action="store_true",
+            help="rebuild from scratch and compare with the bundle instead of writing it",
+        ),
+    ),
+)
+def _fixture_bundle(a: argparse.Namespace) -> Any:
+    # Maintainers: (re)write the bundled fixture, or check that it is what its config builds.
+    import tempfile
+
+    from . import config
+    from .fixture import bundle
+
+    fixture = config.load(a.configfile)["fixture"]
+    out = a.out or bundle.BUNDLE_DIR
+    if a.check:
+        if differ := bundle.check_rebuild(fixture, out):
+            raise SystemExit(f"sae-audit fixture-bundle: rebuilt files differ: {differ}")
+        return {"reproduced": str(out)}
+    if a.fixture_dir:
+        return bundle.write_bundle(a.fixture_dir, fixture, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle.build(fixture, tmp)
+        return bundle.write_bundle(tmp, fixture, out)
+
+
+@command(
     "plot",
     lambda p: (
         p.add_argument("figure", help="a figure of the registry (sae_audit.figures)"),

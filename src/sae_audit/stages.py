@@ -79,24 +79,43 @@ Paths = Sequence[str | Path]
 
 
 # ---------------------------------------------------------------- the embedded fixture
+# Each stage below copies its artifact from the package's bundle (sae_audit.fixture.bundle)
+# when `bundle` is true and the bundle was built from this very config and these inputs;
+# otherwise it builds it.
 @stage
 def fixture_corpus(
-    *, corpus: CorpusConfig | Mapping[str, Any], train: str | Path, heldout: str | Path
+    *,
+    corpus: CorpusConfig | Mapping[str, Any],
+    train: str | Path,
+    heldout: str | Path,
+    bundle: bool = False,
 ) -> dict[str, Any]:
     """Standard-library docstrings split into train and held-out text (`fixture.corpus`)."""
     from .fixture import CorpusConfig, build_corpus
+    from .fixture.bundle import restore
 
-    return build_corpus(section(CorpusConfig, corpus), train, heldout)
+    cfg = section(CorpusConfig, corpus)
+    outputs = {"corpus/train.txt": train, "corpus/heldout.txt": heldout}
+    if bundle and restore("corpus", cfg, {}, outputs):
+        return {"bundled": True}
+    return build_corpus(cfg, train, heldout)
 
 
 @stage
 def fixture_tokenizer(
-    *, tokenizer: TokenizerConfig | Mapping[str, Any], train: str | Path, out: str | Path
+    *,
+    tokenizer: TokenizerConfig | Mapping[str, Any],
+    train: str | Path,
+    out: str | Path,
+    bundle: bool = False,
 ) -> dict[str, Any]:
     """A byte-level BPE trained on the fixture's train text (`fixture.tokenizer`)."""
     from .fixture import TokenizerConfig, train_tokenizer
+    from .fixture.bundle import restore
 
-    train_tokenizer(section(TokenizerConfig, tokenizer), train, out)
+    cfg = section(TokenizerConfig, tokenizer)
+    if not (bundle and restore("tokenizer", cfg, {"train": train}, {"tokenizer": out})):
+        train_tokenizer(cfg, train, out)
     return {"tokenizer": str(out)}
 
 
@@ -108,11 +127,34 @@ def fixture_model(
     train: str | Path,
     heldout: str | Path,
     out: str | Path,
+    bundle: bool = False,
 ) -> dict[str, Any]:
     """A small GPT-NeoX trained on the fixture corpus (`fixture.model`)."""
     from .fixture import ModelTrainConfig, train_model
+    from .fixture.bundle import restore
 
-    return train_model(section(ModelTrainConfig, model), tokenizer, train, heldout, out)
+    cfg = section(ModelTrainConfig, model)
+    inputs = {"tokenizer": tokenizer, "train": train, "heldout": heldout}
+    if bundle and restore("model", cfg, inputs, {"model": out}):
+        return read_json(Path(out) / "metrics.json")
+    return train_model(cfg, tokenizer, train, heldout, out)
+
+
+def _fixture_sae(
+    name: str,
+    sae: SAETrainConfig | Mapping[str, Any],
+    model: str | Path,
+    train: str | Path,
+    out: str | Path,
+    bundle: bool,
+) -> dict[str, Any]:
+    from .fixture import SAETrainConfig, train_sae
+    from .fixture.bundle import restore
+
+    cfg = section(SAETrainConfig, sae)
+    if bundle and restore(name, cfg, {"model": model, "train": train}, {name: out}):
+        return read_json(Path(out) / "metrics.json")
+    return train_sae(cfg.twin() if name == "sae-twin" else cfg, model, train, out)
 
 
 @stage
@@ -122,11 +164,10 @@ def fixture_sae(
     model: str | Path,
     train: str | Path,
     out: str | Path,
+    bundle: bool = False,
 ) -> dict[str, Any]:
     """A sae-lens SAE trained on one layer of the fixture model (`fixture.sae`)."""
-    from .fixture import SAETrainConfig, train_sae
-
-    return train_sae(section(SAETrainConfig, sae), model, train, out)
+    return _fixture_sae("sae", sae, model, train, out, bundle)
 
 
 @stage
@@ -136,11 +177,10 @@ def fixture_sae_twin(
     model: str | Path,
     train: str | Path,
     out: str | Path,
+    bundle: bool = False,
 ) -> dict[str, Any]:
     """The fixture SAE again with `fixture.sae.twin_seed` as its seed (for seed_turnover)."""
-    from .fixture import SAETrainConfig, train_sae
-
-    return train_sae(section(SAETrainConfig, sae).twin(), model, train, out)
+    return _fixture_sae("sae-twin", sae, model, train, out, bundle)
 
 
 @stage

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from sae_audit import config as audit_config
 from sae_audit.config import FIXTURE, FIXTURE_REPARAM
+from sae_audit.fixture import bundle as fixture_bundle
 from sae_audit.shards import encode_hash
 
 R = config["results"]
@@ -64,6 +65,17 @@ FIXTURE_MODEL_DIRS = {
 
 def fixture_model_dir(source=FIXTURE):
     return FIXTURE_MODEL_DIRS[source]
+
+
+# The fixture rules' config slices, and whether they may copy the package's bundle.
+FIXTURE_SLICES = fixture_bundle.stage_configs(config["fixture"])
+BUNDLE = dumps(config["fixture"]["bundle"])
+
+
+def bundle_manifest(wildcards):
+    """The bundle's manifest as an input (a new bundle re-runs the fixture rules)."""
+    manifest = fixture_bundle.BUNDLE_DIR / fixture_bundle.MANIFEST
+    return [str(manifest)] if config["fixture"]["bundle"] and manifest.exists() else []
 
 
 def base_model(wildcards):

@@ -1,7 +1,11 @@
-# The embedded offline fixture: corpus -> tokenizer -> GPT-NeoX -> SAE.
+# The embedded offline fixture: corpus -> tokenizer -> GPT-NeoX -> SAE. With
+# fixture.bundle (the default) each rule copies the package's bundled artifact when it was
+# built from this config and these inputs (sae_audit.fixture.bundle), else builds it.
 
 
 rule fixture_corpus:
+    input:
+        bundle=bundle_manifest,
     output:
         train=f"{R}/fixture/corpus/train.txt",
         heldout=f"{R}/fixture/corpus/heldout.txt",
@@ -12,14 +16,16 @@ rule fixture_corpus:
     conda:
         "../../envs/torch.yaml"
     params:
-        corpus=dumps(config["fixture"]["corpus"]),
+        corpus=dumps(FIXTURE_SLICES["corpus"]),
+        bundle=BUNDLE,
     shell:
-        "sae-audit fixture-corpus --corpus {params.corpus:q} --train {output.train:q} --heldout {output.heldout:q} > {log:q} 2>&1"
+        "sae-audit fixture-corpus --bundle {params.bundle:q} --corpus {params.corpus:q} --train {output.train:q} --heldout {output.heldout:q} > {log:q} 2>&1"
 
 
 rule fixture_tokenizer:
     input:
         train=rules.fixture_corpus.output.train,
+        bundle=bundle_manifest,
     output:
         directory(f"{R}/fixture/tokenizer"),
     log:
@@ -29,9 +35,10 @@ rule fixture_tokenizer:
     conda:
         "../../envs/torch.yaml"
     params:
-        tokenizer=dumps(config["fixture"]["tokenizer"]),
+        tokenizer=dumps(FIXTURE_SLICES["tokenizer"]),
+        bundle=BUNDLE,
     shell:
-        "sae-audit fixture-tokenizer --tokenizer {params.tokenizer:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
+        "sae-audit fixture-tokenizer --bundle {params.bundle:q} --tokenizer {params.tokenizer:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fixture_model:
@@ -39,6 +46,7 @@ rule fixture_model:
         tokenizer=rules.fixture_tokenizer.output,
         train=rules.fixture_corpus.output.train,
         heldout=rules.fixture_corpus.output.heldout,
+        bundle=bundle_manifest,
     output:
         directory(f"{R}/fixture/model"),
     log:
@@ -49,9 +57,10 @@ rule fixture_model:
         "../../envs/torch.yaml"
     threads: 2
     params:
-        model=dumps(config["fixture"]["model"]),
+        model=dumps(FIXTURE_SLICES["model"]),
+        bundle=BUNDLE,
     shell:
-        "sae-audit fixture-model --model {params.model:q} --tokenizer {input.tokenizer:q} "
+        "sae-audit fixture-model --bundle {params.bundle:q} --model {params.model:q} --tokenizer {input.tokenizer:q} "
         "--train {input.train:q} --heldout {input.heldout:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -59,6 +68,7 @@ rule fixture_sae:
     input:
         model=rules.fixture_model.output,
         train=rules.fixture_corpus.output.train,
+        bundle=bundle_manifest,
     output:
         directory(f"{R}/fixture/sae"),
     log:
@@ -69,10 +79,10 @@ rule fixture_sae:
         "../../envs/torch.yaml"
     threads: 2
     params:
-        # without the twin's seed: changing it re-trains only the twin
-        sae=dumps({**config["fixture"]["sae"], "twin_seed": None}),
+        sae=dumps(FIXTURE_SLICES["sae"]),
+        bundle=BUNDLE,
     shell:
-        "sae-audit fixture-sae --sae {params.sae:q} --model {input.model:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
+        "sae-audit fixture-sae --bundle {params.bundle:q} --sae {params.sae:q} --model {input.model:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
 
 
 # The same SAE config trained with fixture.sae.twin_seed (rule seed_turnover reads both).
@@ -80,6 +90,7 @@ rule fixture_sae_twin:
     input:
         model=rules.fixture_model.output,
         train=rules.fixture_corpus.output.train,
+        bundle=bundle_manifest,
     output:
         directory(f"{R}/fixture/sae-twin"),
     log:
@@ -90,9 +101,10 @@ rule fixture_sae_twin:
         "../../envs/torch.yaml"
     threads: 2
     params:
-        sae=dumps(config["fixture"]["sae"]),
+        sae=dumps(FIXTURE_SLICES["sae-twin"]),
+        bundle=BUNDLE,
     shell:
-        "sae-audit fixture-sae-twin --sae {params.sae:q} --model {input.model:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
+        "sae-audit fixture-sae-twin --bundle {params.bundle:q} --sae {params.sae:q} --model {input.model:q} --train {input.train:q} --out {output:q} > {log:q} 2>&1"
 
 
 # A planted control, not a trained model: the fixture model reparameterized (exactly, same
