@@ -7,13 +7,28 @@ configuration, all in this one run, printing tokens/s and the ratio to the first
 configuration. It also checks that every configuration's codes agree with the first's.
 
     python benchmarks/encode_throughput.py --configs cpu:float32 cuda:float32 cuda:bfloat16
+
+With --vs-bare it instead times, per configuration and on the same loaded model and
+SAE, a bare loop (forward with the hook captured + SAE encode per batch, nothing kept)
+against the real encode path (which also scores the NLL and writes both shards),
+interleaved, best of --repeats each, and prints tokens/s of both and encode/bare: the
+share of the encode path's time that is the model and SAE themselves. Beside it, the
+median over rounds of each round's own ratio: on a machine other jobs share, the two
+passes of one round see about the same load, where the two bests may come from
+different moments.
+
+    python benchmarks/encode_throughput.py --vs-bare
+    python benchmarks/encode_throughput.py --vs-bare --threads 1 --repeats 9
+    python benchmarks/encode_throughput.py --vs-bare --configs cuda:float32 --sequences 256
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +86,70 @@ def run(
     return info
 
 
+@torch.no_grad()
+def bare_loop(
+    model: torch.nn.Module, sae, hook: str, ids: np.ndarray, batch: int, dev: torch.device
+) -> None:
+    """The work encode cannot skip: one forward per batch with the SAE's hook captured (as
+    encode captures it) and the SAE encode of the activations; nothing is kept."""
+    from sae_audit.models import ActivationCapture
+
+    sae_dtype = next(sae.parameters()).dtype
+    for lo in range(0, len(ids), batch):
+        input_ids = torch.from_numpy(ids[lo : lo + batch]).to(dev)
+        with ActivationCapture(model, [hook]) as capture:
+            model(input_ids=input_ids)
+        acts = capture.activations[hook]
+        sae.encode(acts.to(sae_dtype).reshape(-1, acts.shape[-1]))
+
+
+def vs_bare(
+    model_dir: Path,
+    sae_dir: Path,
+    tokens: Path,
+    out: Path,
+    device: str,
+    dtype: str,
+    batch: int,
+    repeats: int,
+) -> tuple[int, dict[str, list[float]]]:
+    """(tokens, seconds of each round's "bare" and "encode" pass)."""
+    from sae_lens import SAE
+
+    from sae_audit.encode import EncodeConfig, EncodeTarget, encode_shard_multi
+    from sae_audit.models import load_model
+    from sae_audit.shards import read_token_shard
+
+    dev = torch.device(device)
+    model = load_model(model_dir, dtype=dtype, device=dev)
+    sae = SAE.load_from_disk(str(sae_dir), device=device)
+    hook = "blocks.4.hook_resid_post"
+    ids = read_token_shard(tokens)[1]
+    target = EncodeTarget(sae, hook, out / "codes.parquet", "sae")
+    meta = {"model": "pythia-70m-shaped", "variant": f"{device}-{dtype}", "config_hash": "bench"}
+    cfg = EncodeConfig(batch_size=batch, device=device)
+    loops: dict[str, Callable[[], object]] = {
+        "bare": lambda: bare_loop(model, sae, hook, ids, batch, dev),
+        "encode": lambda: encode_shard_multi(
+            model, [target], tokens, out / "nll.parquet", meta, cfg, dev
+        ),
+    }
+    if dev.type == "cuda":  # warm-up: kernels, allocator
+        for loop in loops.values():
+            loop()
+        torch.cuda.synchronize()
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    for i in range(repeats):
+        # Alternate which goes first, so a drift in the machine's load hits both alike.
+        for name in sorted(loops, reverse=bool(i % 2)):
+            started = time.perf_counter()
+            loops[name]()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - started)
+    return ids.size, seconds
+
+
 def agreement(a: Path, b: Path) -> tuple[float, float]:
     """Jaccard of the (token, feature) sets and max |value difference| on shared entries."""
     ta, tb = pq.read_table(a), pq.read_table(b)
@@ -86,17 +165,69 @@ def agreement(a: Path, b: Path) -> tuple[float, float]:
     return jaccard, float(diff)
 
 
+# (sequences, seq_len, batch) by mode: --vs-bare runs each configuration 2 x --repeats
+# times, so its default is sized to finish in a minute or two on two CPU cores; many short
+# passes give best-of-N a better chance on a machine that other jobs share.
+DEFAULT_SIZES = {"configs": (64, 512, 16), "vs_bare": (8, 256, 4)}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--configs", nargs="+", default=["cpu:float32"])
-    parser.add_argument("--sequences", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--sequences", type=int, help="default 64 (8 with --vs-bare)")
+    parser.add_argument("--seq-len", type=int, help="default 512 (256 with --vs-bare)")
     parser.add_argument("--d-sae", type=int, default=32768)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, help="default 16 (4 with --vs-bare)")
+    parser.add_argument(
+        "--vs-bare", action="store_true", help="time encode against a bare forward + SAE loop"
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="--vs-bare: rounds (best of)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = DEFAULT_SIZES["vs_bare" if args.vs_bare else "configs"]
+    args.sequences = args.sequences or sizes[0]
+    args.seq_len = args.seq_len or sizes[1]
+    args.batch_size = args.batch_size or sizes[2]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, sae_dir, tokens = build(root, args.sequences, args.seq_len, args.d_sae)
+        header = (
+            f"{args.sequences} x {args.seq_len} tokens, d_sae {args.d_sae}, batch {args.batch_size}"
+        )
+        if args.vs_bare:
+            results = []
+            for config in args.configs:
+                device, dtype = config.split(":")
+                out = root / config.replace(":", "-")
+                out.mkdir()
+                results.append(
+                    (
+                        config,
+                        *vs_bare(
+                            model_dir, sae_dir, tokens, out, device, dtype,
+                            args.batch_size, args.repeats,
+                        ),
+                    )
+                )  # fmt: skip
+            print(f"{header}, best of {args.repeats}, torch threads {torch.get_num_threads()}")
+            print(
+                f"{'config':>16} {'bare tok/s':>11} {'encode tok/s':>13} {'encode/bare':>12} "
+                f"{'median of rounds':>17}"
+            )
+            for config, n_tokens, seconds in results:
+                bare, encode = min(seconds["bare"]), min(seconds["encode"])
+                per_round = statistics.median(
+                    b / e for b, e in zip(seconds["bare"], seconds["encode"], strict=True)
+                )
+                print(
+                    f"{config:>16} {n_tokens / bare:>11.0f} {n_tokens / encode:>13.0f} "
+                    f"{bare / encode:>12.3f} {per_round:>17.3f}"
+                )
+            return
         rows = []
         for config in args.configs:
             device, dtype = config.split(":")
@@ -105,9 +236,7 @@ def main() -> None:
             info = run(model_dir, sae_dir, tokens, out, device, dtype, args.batch_size)
             rows.append((config, info, out / "codes.parquet"))
         base_tps = rows[0][1]["n_tokens"] / rows[0][1]["wall_s"]
-        print(
-            f"{args.sequences} x {args.seq_len} tokens, d_sae {args.d_sae}, batch {args.batch_size}"
-        )
+        print(header)
         print(
             f"{'config':>16} {'tokens/s':>10} {'x first':>8} {'L0':>7} {'jaccard':>8} {'max|dv|':>9}"
         )

@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_audit.encode import EncodeConfig, EncodeTarget, batch_nll, encode_shard_multi, token_nll
-from sae_audit.models import load_model
+from sae_audit import encode
+from sae_audit.encode import (
+    EncodeConfig,
+    EncodeTarget,
+    NonFiniteError,
+    batch_nll,
+    encode_shard_multi,
+    target_nll,
+    token_nll,
+)
+from sae_audit.models import ActivationCapture, load_model
 from sae_audit.shards import read_metadata, read_nll_shard, write_token_shard
 
 from .test_families import make_sae
@@ -72,3 +82,110 @@ def test_one_pass_writes_a_shard_per_sae_and_the_nll(gpt_neox_dir, tmp_path):
     with torch.no_grad():
         expected = batch_nll(model, ids).double().numpy().ravel()
     np.testing.assert_allclose(nll, expected, rtol=1e-5, atol=1e-6)
+
+
+def _log_softmax_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss as it was computed before chunking: a whole float32 log-softmax, gathered."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -logp.gather(-1, targets[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_rows", [3, None])  # None: the real CPU chunk size
+def test_target_nll_is_log_softmax_gathered_bit_for_bit(monkeypatch, dtype, chunk_rows):
+    g = torch.Generator().manual_seed(1)
+    vocab = 11 if chunk_rows else 50304
+    if chunk_rows:  # 10 rows in chunks of 3: the last chunk is partial
+        monkeypatch.setitem(encode._NLL_CHUNK_BYTES, "cpu", chunk_rows * vocab * 4)
+    logits = (torch.randn(2, 5 if chunk_rows else 120, vocab, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, vocab, logits.shape[:-1], generator=g)
+    nll = target_nll(logits, targets)
+    assert nll.dtype == torch.float32 and nll.shape == targets.shape
+    assert torch.equal(nll, _log_softmax_nll(logits, targets))
+    # Non-contiguous logits (every other position) are scored the same.
+    assert torch.equal(
+        target_nll(logits[:, ::2], targets[:, ::2]), _log_softmax_nll(logits, targets)[:, ::2]
+    )
+    # token_nll scores the next token without slicing the logits: same numbers as slicing.
+    assert torch.equal(token_nll(logits, targets), _log_softmax_nll(logits[:, :-1], targets[:, 1:]))
+
+
+def _tiny_run(gpt_neox_dir, tmp_path, n_seq=5, seq_len=6, first=2):
+    model = load_model(gpt_neox_dir)
+    ids = torch.randint(4, 64, (n_seq, seq_len), generator=torch.Generator().manual_seed(0))
+    tokens = tmp_path / "tokens.parquet"
+    write_token_shard(tokens, ids.numpy(), first, {"seq_len": seq_len})
+    hook = "blocks.1.hook_resid_post"
+    with torch.no_grad(), ActivationCapture(model, [hook]) as capture:
+        model(input_ids=ids)
+    # Scaled to these activations, so codes are sparse but not all zero.
+    sae = make_sae("standard", 32, 40, hook, acts=capture.activations[hook], seed=3)
+    return model, ids, tokens, hook, sae
+
+
+def test_codes_and_nll_are_the_dense_encode_bit_for_bit(gpt_neox_dir, tmp_path):
+    """The shard holds exactly the nonzeros of the dense SAE codes, in (token, feature)
+    order, and the NLL exactly the log-softmax loss: what encode wrote before it took the
+    nonzeros from the flat codes and scored the logits a chunk at a time."""
+    n_seq, seq_len, first, batch_size = 5, 6, 2, 2  # the last batch is partial
+    model, ids, tokens, hook, sae = _tiny_run(gpt_neox_dir, tmp_path, n_seq, seq_len, first)
+    encode_shard_multi(
+        model,
+        [EncodeTarget(sae, hook, tmp_path / "codes.parquet", "sae")],
+        tokens,
+        tmp_path / "nll.parquet",
+        {"model": "tiny", "variant": "fp", "config_hash": "hash"},
+        EncodeConfig(batch_size=batch_size, device="cpu"),
+        torch.device("cpu"),
+    )
+    expected_codes: list[tuple[np.ndarray, ...]] = []
+    expected_nll = []
+    with torch.no_grad():
+        for lo in range(0, n_seq, batch_size):
+            batch = ids[lo : lo + batch_size]
+            with ActivationCapture(model, [hook]) as capture:
+                logits = model(input_ids=batch).logits
+            expected_nll.append(_log_softmax_nll(logits[:, :-1], batch[:, 1:]).double().ravel())
+            codes = sae.encode(capture.activations[hook].reshape(-1, 32))
+            rows, features = torch.nonzero(codes != 0, as_tuple=True)
+            base = (first + lo) * seq_len
+            expected_codes.append(
+                ((rows + base).numpy(), features.int().numpy(), codes[rows, features].numpy())
+            )
+    table = pq.read_table(tmp_path / "codes.parquet")
+    token, feature, value = (np.concatenate(c) for c in zip(*expected_codes, strict=True))
+    assert 0 < len(token) < n_seq * seq_len * 40  # sparse, but not silent
+    np.testing.assert_array_equal(table["token"].to_numpy(), token)
+    np.testing.assert_array_equal(table["feature"].to_numpy(), feature)
+    np.testing.assert_array_equal(table["value"].to_numpy(), value)
+    _, nll = read_nll_shard(tmp_path / "nll.parquet", "fp")
+    np.testing.assert_array_equal(nll, torch.cat(expected_nll).numpy())
+
+
+def test_non_finite_codes_name_their_token_and_leave_no_shard(gpt_neox_dir, tmp_path, monkeypatch):
+    n_seq, seq_len, first, batch_size = 4, 6, 2, 2
+    model, _, tokens, hook, sae = _tiny_run(gpt_neox_dir, tmp_path, n_seq, seq_len, first)
+    real_encode = sae.encode
+    batches = 0
+
+    def encode_with_inf(acts: torch.Tensor) -> torch.Tensor:
+        nonlocal batches
+        codes = real_encode(acts)
+        batches += 1
+        if batches == 2:  # the second batch's row 3 (its first row of codes stays zero)
+            codes[3, 5] = torch.inf
+        return codes
+
+    monkeypatch.setattr(sae, "encode", encode_with_inf)
+    with pytest.raises(NonFiniteError, match=f"non-finite at token {(first + 2) * seq_len + 3};"):
+        encode_shard_multi(
+            model,
+            [EncodeTarget(sae, hook, tmp_path / "codes.parquet", "sae")],
+            tokens,
+            tmp_path / "nll.parquet",
+            {"model": "tiny", "variant": "fp", "config_hash": "hash"},
+            EncodeConfig(batch_size=batch_size, device="cpu"),
+            torch.device("cpu"),
+        )
+    assert not (tmp_path / "codes.parquet").exists()
+    assert not (tmp_path / "nll.parquet").exists()

@@ -57,3 +57,37 @@ def test_out_of_order_batches_are_rejected_and_leave_nothing(tmp_path):
         w.write(np.array([150]), np.array([1]), np.array([1.0]))
         w.write(np.array([120]), np.array([1]), np.array([1.0]))
     assert not path.exists() and not (tmp_path / "bad.parquet.tmp").exists()
+
+
+def test_rows_in_order_are_kept_and_rows_out_of_order_are_sorted(tmp_path, monkeypatch):
+    """The writer only checks a batch that is already in (token, feature) order (as encode
+    passes them); a batch out of order, even only by feature within a token, is sorted."""
+    sorted_batches = []
+    lexsort = np.lexsort
+    monkeypatch.setattr(np, "lexsort", lambda keys: sorted_batches.append(keys) or lexsort(keys))
+    path = tmp_path / "shard.parquet"
+    in_order = (
+        np.array([100, 100, 101, 101, 102]),
+        np.array([3, 7, 0, 2, 1], dtype=np.int32),  # features fall across a token boundary
+        np.array([1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32),
+    )
+    features_out_of_order = (
+        np.array([103, 103, 103, 104]),
+        np.array([5, 9, 2, 1], dtype=np.int32),
+        np.array([6.0, 7.0, 8.0, 9.0], dtype=np.float32),
+    )
+    tokens_out_of_order = (
+        np.array([106, 105]),
+        np.array([0, 4], dtype=np.int32),
+        np.array([10.0, 11.0], dtype=np.float32),
+    )
+    with CodeShardWriter(path, _meta()) as w:
+        for batch in (in_order, features_out_of_order, tokens_out_of_order):
+            w.write(*batch)
+    assert len(sorted_batches) == 2  # not the batch in order
+    table = pq.read_table(path)
+    np.testing.assert_array_equal(
+        table["token"].to_numpy(), [100, 100, 101, 101, 102, 103, 103, 103, 104, 105, 106]
+    )
+    np.testing.assert_array_equal(table["feature"].to_numpy(), [3, 7, 0, 2, 1, 2, 5, 9, 1, 4, 0])
+    np.testing.assert_array_equal(table["value"].to_numpy(), [1, 2, 3, 4, 5, 8, 6, 7, 9, 11, 10])

@@ -997,3 +997,16 @@ def slice_hash(*parts: Any) -> str:
     """Short stable hash of config slices: recorded in outputs to say what made them."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def encode_hash(
+    model_params: Mapping[str, Any],
+    encode_params: Mapping[str, Any],
+    sae_spec: Mapping[str, Any] | None = None,
+) -> str:
+    """The config hash a shard records: what encode ran with (the SAE's spec for a code shard).
+
+    The workflow computes the same hash from the config to check a shard is the one its
+    rule asked for; the variant is checked by name beside it.
+    """
+    return slice_hash(dict(model_params), dict(encode_params), dict(sae_spec or {}))

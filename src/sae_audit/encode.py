@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import FROM_SCHEMA, ConfigSection
@@ -32,19 +33,42 @@ class EncodeConfig(ConfigSection, section="encode"):
     device: str = FROM_SCHEMA
 
 
+# Logits are scored a chunk of rows at a time. On CPU a chunk that stays in a server's L3
+# cache makes the loss one read of the logits, where a whole [batch, seq, vocab]
+# log-softmax is written to fresh memory and read back (a tenth of the encode loop);
+# smaller chunks would fit L2 but pay more per-op dispatch and thread sync. On a GPU the
+# chunk only bounds the memory the loss takes beside the logits.
+_NLL_CHUNK_BYTES = {"cpu": 16 << 20}
+_NLL_CHUNK_BYTES_DEFAULT = 256 << 20
+
+
 def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """NLL of each target under the logits at its position ([..., vocab] -> [...]).
 
-    The package's one per-token loss: log-softmax in float32 whatever the run dtype.
-    Encode, the matched search and the sliding-window evaluation all score with it.
+    The package's one per-token loss: float32 whatever the run dtype. Encode, the
+    matched search and the sliding-window evaluation all score with it. Each row is
+    `cross_entropy` of its float32 logits, bit-identical to -log_softmax gathered at the
+    target; rows are scored a chunk at a time, so no [..., vocab] float32 copy is made.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -logp.gather(-1, targets[..., None]).squeeze(-1)
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)  # a view of contiguous logits
+    flat_targets = targets.reshape(-1)
+    nll = torch.empty(flat_targets.shape, dtype=torch.float32, device=logits.device)
+    chunk_bytes = _NLL_CHUNK_BYTES.get(logits.device.type, _NLL_CHUNK_BYTES_DEFAULT)
+    rows = max(1, chunk_bytes // (vocab * 4))
+    for lo in range(0, nll.shape[0], rows):
+        nll[lo : lo + rows] = F.cross_entropy(
+            flat_logits[lo : lo + rows].float(), flat_targets[lo : lo + rows], reduction="none"
+        )
+    return nll.view(targets.shape)
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """[B, T-1] NLL of tokens 1..T-1 given their prefixes."""
-    return target_nll(logits[:, :-1], input_ids[:, 1:])
+    # Every position is scored against the next token (the last against its sequence's
+    # first, then dropped): slicing the logits to T-1 positions would copy them all.
+    next_ids = torch.roll(input_ids, -1, dims=1)
+    return target_nll(logits, next_ids)[:, :-1].contiguous()
 
 
 def batch_nll(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -151,19 +175,21 @@ def encode_shard_multi(
                     flat, f"{where}: activation at {target.hook}", lambda n, _, base=base: base + n
                 )
                 codes = target.sae.encode(flat)
-                rows, features = torch.nonzero(codes != 0, as_tuple=True)
-                values = codes[rows, features]
-                if not bool(torch.isfinite(values).all()):
-                    first = int(rows[~torch.isfinite(values)][0])
+                # One nonzero over the flat codes: its indices come out in row-major order,
+                # which is (token, feature) order, so the writer has nothing to sort; and a
+                # 1-D gather of the values is cheaper than indexing by (row, feature).
+                flat_codes = codes.reshape(-1)
+                nonzero = torch.nonzero(flat_codes).squeeze(1)
+                values = flat_codes[nonzero].float().cpu().numpy()
+                rows, features = np.divmod(nonzero.cpu().numpy(), codes.shape[-1])
+                finite = np.isfinite(values)
+                if not finite.all():
+                    first = int(rows[~finite][0])
                     raise NonFiniteError(
                         f"{where}: SAE {target.sae_name!r} codes are non-finite at token "
                         f"{base + first}; {_NON_FINITE_FIX}"
                     )
-                writer.write(
-                    (rows + base).cpu().numpy(),
-                    features.to(torch.int32).cpu().numpy(),
-                    values.float().cpu().numpy(),
-                )
+                writer.write(rows + base, features.astype(np.int32), values)
             positions = (
                 base + np.arange(batch.shape[0])[:, None] * seq_len + np.arange(1, seq_len)[None, :]
             )

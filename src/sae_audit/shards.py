@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import slice_hash
+from .config import encode_hash as encode_hash  # re-exported: shards record it
 from .files import InputError, atomic_path, rerun_hint, sha256_file, unreadable, write_json
 
 CODE_SCHEMA = pa.schema(
@@ -48,19 +48,6 @@ METADATA_KEY = b"sae_audit"
 # directory() output by its own timestamp only, so a shard changed or truncated inside
 # it would otherwise be read as if encode had written it.
 DIR_MANIFEST = "manifest.json"
-
-
-def encode_hash(
-    model_params: Mapping[str, Any],
-    encode_params: Mapping[str, Any],
-    sae_spec: Mapping[str, Any] | None = None,
-) -> str:
-    """The config hash a shard records: what encode ran with (the SAE's spec for a code shard).
-
-    The workflow computes the same hash from the config to check a shard is the one its
-    rule asked for; the variant is checked by name beside it.
-    """
-    return slice_hash(dict(model_params), dict(encode_params), dict(sae_spec or {}))
 
 
 @dataclass(frozen=True)
@@ -97,9 +84,10 @@ def _with_metadata(schema: pa.Schema, meta: Mapping[bytes, bytes]) -> pa.Schema:
 class CodeShardWriter:
     """Streams sparse code batches into one Parquet shard.
 
-    Batches must arrive in token order; within a batch rows are sorted here, so
-    the file is sorted by (token, feature) as the schema promises. Writes to a
-    temporary name and renames on close, so a killed job leaves no half shard.
+    Batches must arrive in token order; within a batch rows may come in any order and
+    are sorted here when they are not already in (token, feature) order, so the file
+    is sorted as the schema promises. Writes to a temporary name and renames on close,
+    so a killed job leaves no half shard.
     """
 
     def __init__(self, path: str | Path, metadata: ShardMetadata, row_group_size: int = 1 << 20):
@@ -121,8 +109,14 @@ class CodeShardWriter:
     def write(self, token: np.ndarray, feature: np.ndarray, value: np.ndarray) -> None:
         if token.size == 0:
             return
-        order = np.lexsort((feature, token))
-        token, feature, value = token[order], feature[order], value[order]
+        # Encode hands rows over in order already (a row-major nonzero): one pass checks
+        # that, and only a batch out of order pays for the sort.
+        token_next, token_prev = token[1:], token[:-1]
+        if (token_next < token_prev).any() or (
+            (token_next == token_prev) & (feature[1:] < feature[:-1])
+        ).any():
+            order = np.lexsort((feature, token))
+            token, feature, value = token[order], feature[order], value[order]
         if token[0] <= self._last_token:
             raise ValueError("code batches must arrive in increasing token order")
         self._last_token = int(token[-1])
@@ -254,7 +248,14 @@ def iter_code_batches(path: str | Path, batch_rows: int = 1 << 20) -> Iterator[p
     """
     try:
         with pq.ParquetFile(path) as pf:
-            for batch in pf.iter_batches(batch_size=batch_rows):
+            batches = (
+                batch
+                # A reader per run of row groups, not one for the file: pyarrow's reader
+                # holds on to memory as it goes (its pool peak grows with the shard).
+                for row_groups in _row_group_runs(pf.metadata, batch_rows)
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=row_groups)
+            )
+            for batch in batches:
                 value = batch.column("value").to_numpy()
                 if not np.isfinite(value).all():
                     i = int(np.flatnonzero(~np.isfinite(value))[0])
@@ -266,6 +267,21 @@ def iter_code_batches(path: str | Path, batch_rows: int = 1 << 20) -> Iterator[p
                 yield batch
     except (OSError, pa.ArrowException) as e:
         raise unreadable(path, e, "encode") from e
+
+
+def _row_group_runs(metadata: pq.FileMetaData, max_rows: int) -> Iterator[list[int]]:
+    """Consecutive row groups in runs of at most `max_rows` rows (a longer group alone)."""
+    run: list[int] = []
+    rows = 0
+    for i in range(metadata.num_row_groups):
+        n = metadata.row_group(i).num_rows
+        if run and rows + n > max_rows:
+            yield run
+            run, rows = [], 0
+        run.append(i)
+        rows += n
+    if run:
+        yield run
 
 
 def row_keys(
@@ -288,8 +304,9 @@ def row_keys(
         raise InputError(
             f"{path}: feature index outside [0, d_sae={meta.d_sae}); {rerun_hint('encode')}"
         )
-    keys = token.astype(np.int64) * meta.d_sae + feature.astype(np.int64)
-    if keys[0] <= after or (keys.size > 1 and not bool(np.all(np.diff(keys) > 0))):
+    keys = token.astype(np.int64, copy=False) * meta.d_sae
+    keys += feature  # casts in the add: no int64 copy of the features
+    if keys[0] <= after or not bool(np.all(keys[1:] > keys[:-1])):
         raise InputError(
             f"{path}: rows not strictly sorted by (token, feature) (duplicated or unsorted "
             f"rows); {rerun_hint('encode')}"
