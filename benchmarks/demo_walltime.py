@@ -78,7 +78,9 @@ def main() -> None:
     for rule, ts in sorted(times.items(), key=lambda kv: -sum(kv[1])):
         print(f"{rule:32s} {len(ts):5d} {sum(ts):8.1f} {max(ts):7.1f}")
     print(f"{'(all jobs)':32s} {'':5s} {sum(map(sum, times.values())):8.1f}")
-    print(f"\ndefault run: {walls['warm']:.1f} s wall on --cores {args.cores} ({os.cpu_count()} CPUs)")
+    print(
+        f"\ndefault run: {walls['warm']:.1f} s wall on --cores {args.cores} ({os.cpu_count()} CPUs)"
+    )
     print(f"no-op re-run: {noop:.2f} s")
     if "cold" in walls:
         print(f"warm / cold: {walls['warm'] / walls['cold']:.3f}")

@@ -56,6 +56,7 @@ MODEL_STAGES = {
     "fixture_model",
     "fixture_sae",
     "fixture_sae_twin",
+    "_fixture_sae",  # what fixture_sae and fixture_sae_twin call
     "fixture_reparam",
 }
 

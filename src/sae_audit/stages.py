@@ -302,14 +302,18 @@ def match_sparsity(
     target: str,
     target_nll: Paths,
     tokens: Paths,
+    fp_nll: Paths | None = None,
     model_name: str | None = None,
     out: str | Path,
 ) -> dict[str, Any]:
-    """Bisection on pruning sparsity until the pruned model's perplexity matches the target's.
+    """Search the pruning sparsity whose pruned model's perplexity matches the target's
+    (`match_sparsity.interpolate_sparsity`).
 
     The target's perplexity comes from its encode NLL shards (no second forward pass),
-    restricted to the same sequences the search evaluates; the search runs the model
-    as encode does (`match_sparsity.PruneSearch`).
+    restricted to the same sequences the search evaluates, and so does the FP model's
+    (`fp_nll`), which is the perplexity at sparsity 0: the search interpolates from it
+    when the bracket starts at lo = 0. The search runs the model as encode does
+    (`match_sparsity.PruneSearch`).
     """
     from .encode import EncodeConfig
     from .match_sparsity import MatchedConfig, PruneSearch
@@ -330,6 +334,17 @@ def match_sparsity(
         variant=target,
         expect=Expected(model=model_name),
     )["perplexity"]
+    # Pruning nothing is the FP model, which encode has scored already.
+    lo_ppl = (
+        chunked_perplexity(
+            [Path(p) for p in fp_nll],
+            token_stop=n_seq * ids.shape[1],
+            variant="fp",
+            expect=Expected(model=model_name),
+        )["perplexity"]
+        if fp_nll and cfg.lo == 0.0
+        else None
+    )
     search = PruneSearch(
         base,
         target,
@@ -338,14 +353,19 @@ def match_sparsity(
         attn_implementation=spec.attn_implementation,
         device=device,
     )
-    best, trace = search_sparsity(search, ids, target_ppl, cfg, batch_size=enc.batch_size)
+    found = search_sparsity(
+        search, ids, target_ppl, cfg, batch_size=enc.batch_size, lo_perplexity=lo_ppl
+    )
     result = {
         "target": target,
         "target_perplexity": target_ppl,
-        "sparsity": best,
-        "trace": [{"step": s, "sparsity": x, "perplexity": p} for s, x, p in trace],
+        "sparsity": found.sparsity,
+        "trace": [{"step": s, "sparsity": x, "perplexity": p} for s, x, p in found.trace],
         "n_sequences": int(n_seq),
         "params": {k: v for k, v in cfg.to_dict().items() if k != "target"},
+        "method": found.method,
+        "stopped": found.stopped,
+        "lo_perplexity": lo_ppl,  # ppl at lo known without a forward pass (null: none)
     }
     write_json(out, result)
     return result

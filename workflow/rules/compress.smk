@@ -44,6 +44,8 @@ rule match_sparsity:
         model=base_model_input,
         tokens=token_dir,
         target_nll=lambda w: nll_shards(w.model, w.target),
+        # FP perplexity = perplexity at sparsity 0: the search's lower end, no forward pass
+        fp_nll=lambda w: nll_shards(w.model, "fp"),
     output:
         f"{R}/matched/{{model}}/prune-matched-{{target}}.json",
     log:
@@ -71,5 +73,5 @@ rule match_sparsity:
     shell:
         "sae-audit match-sparsity --model {params.model:q} --matched {params.matched:q} "
         "--encode {params.encode:q} --base {params.base:q} --target {wildcards.target:q} "
-        "--target-nll {input.target_nll:q} --tokens {params.tokens:q} --model-name {wildcards.model:q} "
-        "--out {output:q} > {log:q} 2>&1"
+        "--target-nll {input.target_nll:q} --fp-nll {input.fp_nll:q} --tokens {params.tokens:q} "
+        "--model-name {wildcards.model:q} --out {output:q} > {log:q} 2>&1"
