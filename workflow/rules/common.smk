@@ -4,9 +4,8 @@ import re
 from pathlib import Path
 
 from sae_audit import config as audit_config
-from sae_audit.config import FIXTURE, FIXTURE_REPARAM
+from sae_audit.config import FIXTURE, FIXTURE_REPARAM, encode_hash
 from sae_audit.fixture import bundle as fixture_bundle
-from sae_audit.shards import encode_hash
 
 R = config["results"]
 MODELS = audit_config.model_names(config)
