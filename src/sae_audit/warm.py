@@ -1,8 +1,8 @@
 """Warm start: the `sae-audit` console script, and the pre-imported server it forks jobs from.
 
 Why: every rule runs `sae-audit <stage>` in a fresh process, and a model job of the
-default run spends 5-9 s importing torch, transformers and sae-lens for well under a
-second of work (a plot job, 2 s for seaborn). With ~200 jobs that start-up was most of
+default run spent 7-9 s (measured on 2 CPU cores) importing torch, transformers and
+sae-lens for well under a second of work (a plot job, 2 s for seaborn). With ~200 jobs that start-up was most of
 the demo's wall time. So the first command starts one server per environment that
 imports those libraries once; every command then connects to it over a Unix socket and
 hands over its stdin/stdout/stderr, argv, working directory and environment, and the
