@@ -3,7 +3,19 @@
 import os
 import sys
 
-from sae_audit import config as audit_config
+from snakemake.exceptions import WorkflowError
+
+# All logic lives in the sae_audit package: a Python without it (a module deployment, a
+# venv not installed into) stops here with the fix instead of a traceback.
+try:
+    from sae_audit import config as audit_config
+    from sae_audit.launcher import CommandNotFound, put_on_path
+except ModuleNotFoundError as missing:
+    raise WorkflowError(
+        f"sae-audit: the Python running snakemake ({sys.executable}) cannot import "
+        f"{missing.name!r}: install the workflow's package into it "
+        f"(`{sys.executable} -m pip install -e {workflow.basedir}`; see README.md)"
+    ) from None
 
 # Jobs inherit this: torch's OpenMP threads sleep rather than spin while they wait, so two
 # jobs sharing the cores do not starve each other (issue 12 measured 3.8-4.5x slower
@@ -23,6 +35,14 @@ if not workflow.overwrite_configfiles:
 # Validates against workflow/schemas/config.schema.yaml (fills defaults, cross-checks
 # variant names): a bad key fails here, before any job runs, naming the key.
 config.update(audit_config.validate(config))
+
+# Jobs run the `sae-audit` installed with this Python, whether or not its venv is
+# activated; with conda deployment each job's env brings its own.
+try:
+    put_on_path()
+except CommandNotFound as missing:
+    if "CONDA" not in {m.name for m in workflow.deployment_settings.deployment_method}:
+        raise WorkflowError(f"sae-audit: {missing}") from None
 
 # After kill -9 Snakemake stops on its stale lock before onerror could run: say the
 # one recovery command here, while the Snakefile is read (not for --unlock itself).
