@@ -4,6 +4,7 @@
 
 
 rule fixture_corpus:
+    "Fixture corpus: standard-library docstrings split into train and held-out text (bundled copy if it matches)."
     input:
         bundle=bundle_manifest,
     output:
@@ -15,6 +16,7 @@ rule fixture_corpus:
         f"{R}/benchmarks/fixture_corpus.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: 1
     params:
         corpus=dumps(FIXTURE_SLICES["corpus"]),
         bundle=BUNDLE,
@@ -23,6 +25,7 @@ rule fixture_corpus:
 
 
 rule fixture_tokenizer:
+    "Fixture tokenizer: a byte-level BPE trained on the fixture's train text (bundled copy if it matches)."
     input:
         train=rules.fixture_corpus.output.train,
         bundle=bundle_manifest,
@@ -34,6 +37,7 @@ rule fixture_tokenizer:
         f"{R}/benchmarks/fixture_tokenizer.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: 1
     params:
         tokenizer=dumps(FIXTURE_SLICES["tokenizer"]),
         bundle=BUNDLE,
@@ -42,6 +46,7 @@ rule fixture_tokenizer:
 
 
 rule fixture_model:
+    "Fixture model: a small GPT-NeoX trained on the fixture's train text (bundled copy if it matches)."
     input:
         tokenizer=rules.fixture_tokenizer.output,
         train=rules.fixture_corpus.output.train,
@@ -55,6 +60,7 @@ rule fixture_model:
         f"{R}/benchmarks/fixture_model.tsv"
     conda:
         "../../envs/torch.yaml"
+    # The bundled fixture was trained with 2 torch threads: its bits depend on the count.
     threads: 2
     params:
         model=dumps(FIXTURE_SLICES["model"]),
@@ -65,6 +71,7 @@ rule fixture_model:
 
 
 rule fixture_sae:
+    "Fixture SAE: a sae-lens SAE trained on the fixture model's residual stream (bundled copy if it matches)."
     input:
         model=rules.fixture_model.output,
         train=rules.fixture_corpus.output.train,
@@ -77,6 +84,7 @@ rule fixture_sae:
         f"{R}/benchmarks/fixture_sae.tsv"
     conda:
         "../../envs/torch.yaml"
+    # The bundled fixture was trained with 2 torch threads: its bits depend on the count.
     threads: 2
     params:
         sae=dumps(FIXTURE_SLICES["sae"]),
@@ -87,6 +95,7 @@ rule fixture_sae:
 
 # The same SAE config trained with fixture.sae.twin_seed (rule seed_turnover reads both).
 rule fixture_sae_twin:
+    "Twin fixture SAE: the same config with fixture.sae.twin_seed, for the seed-turnover table."
     input:
         model=rules.fixture_model.output,
         train=rules.fixture_corpus.output.train,
@@ -99,6 +108,7 @@ rule fixture_sae_twin:
         f"{R}/benchmarks/fixture_sae_twin.tsv"
     conda:
         "../../envs/torch.yaml"
+    # The bundled fixture was trained with 2 torch threads: its bits depend on the count.
     threads: 2
     params:
         sae=dumps(FIXTURE_SLICES["sae-twin"]),
@@ -110,6 +120,7 @@ rule fixture_sae_twin:
 # A planted control, not a trained model: the fixture model reparameterized (exactly, same
 # function) to have one large MLP input column (models with source: fixture-reparam).
 rule fixture_reparam:
+    "Planted control: a function-preserving reparameterized copy of the fixture model with one large MLP input column."
     input:
         model=rules.fixture_model.output,
     output:
@@ -120,6 +131,7 @@ rule fixture_reparam:
         f"{R}/benchmarks/fixture_reparam.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: 1
     params:
         reparam=dumps(config["fixture"]["reparam"]),
     shell:

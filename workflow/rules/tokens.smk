@@ -3,6 +3,7 @@
 
 
 rule tokenize:
+    "The model's evaluation token set: fixed-length sequences in Parquet shards."
     input:
         text=token_text_inputs,
         model=base_model_input,
@@ -14,6 +15,7 @@ rule tokenize:
         f"{R}/benchmarks/tokenize/{{model}}.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: 1
     params:
         tokenizer=tokenizer_source,
         out=lambda w, output: [
@@ -28,6 +30,7 @@ rule tokenize:
 # The calibration token set of llm-compressor variants: other text than the evaluation's
 # (the fixture's training split by default), checked to share no window with it.
 rule tokenize_calibration:
+    "The calibration token set of llm-compressor variants, checked to share no window with the evaluation's."
     input:
         text=calibration_text_inputs,
         model=base_model_input,
@@ -40,6 +43,7 @@ rule tokenize_calibration:
         f"{R}/benchmarks/tokenize_calibration/{{model}}.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: 1
     params:
         tokenizer=tokenizer_source,
         tokens=lambda w: token_files(w.model),
