@@ -89,7 +89,7 @@ def test_warm_and_cold_commands_write_the_same_files(runtime_dir: Path, tmp_path
         build_inputs(root, env)
         model = json.dumps({**MODEL, "max_steps": 8})
         proc = sae_audit(
-            ["fixture-model", "--model", model, *MODEL_INPUTS, "--out", "model"],
+            ["--json", "fixture-model", "--model", model, *MODEL_INPUTS, "--out", "model"],
             env,
             root,
         )

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
+from . import progress
 from .files import InputError, atomic_path, rerun_hint, unreadable
 from .models import as_out_in, from_out_in, load_model, target_weights
 from .prune import magnitude_mask
@@ -77,7 +77,7 @@ def compress_state(
     if variant.kind == "rtn":
         spec = rtn_spec(variant)
         method.update(asdict(spec))
-        for name, param in tqdm(names, desc=f"quantize {variant.name}", unit="matrix"):
+        for name, param in progress.bar(names, desc=f"quantize {variant.name}", unit="matrix"):
             q = quantize_rtn(as_out_in(param.data, model), spec)
             payload[f"{name}.codes"] = q.codes
             payload[f"{name}.scale"] = q.scale
@@ -89,7 +89,7 @@ def compress_state(
     if s is None:
         raise ValueError(f"variant {variant.name!r} needs a sparsity (from the matched search)")
     method["sparsity"] = float(s)
-    for name, param in tqdm(names, desc=f"prune {variant.name}", unit="matrix"):
+    for name, param in progress.bar(names, desc=f"prune {variant.name}", unit="matrix"):
         keep = magnitude_mask(param.data, s)
         payload[f"{name}.mask"] = _pack_mask(keep)
         payload[f"{name}.values"] = param.data[keep].to(torch.float32).contiguous()

@@ -6,6 +6,11 @@ parameter `codes_dir: str | Path` is `--codes-dir PATH`, `codes: list[...]` take
 several paths, `codes: Mapping[str, list[...]]` takes NAME=PATH pairs (several per
 name), a config section or other mapping takes one JSON argument. No logic lives
 here; the few commands that are not stages (prefetch, plot, resume) are written out.
+
+Every command and option has a one-line help: a stage's is its docstring's first
+sentence, an option's comes from OPTION_HELP, or from the config schema's description
+of the section it takes. A command's result ends its job's log in a form people read
+(`readable`), or as JSON with `sae-audit --json <command>`.
 """
 
 from __future__ import annotations
@@ -14,21 +19,24 @@ import argparse
 import inspect
 import json
 import logging
+import numbers
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 Handler = Callable[[argparse.Namespace], Any]
-_COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], object]]] = {}
+AddArgs = Callable[[argparse.ArgumentParser], object]
+# name -> (handler, what adds its arguments, its one-line help in `sae-audit --help`)
+_COMMANDS: dict[str, tuple[Handler, AddArgs, str]] = {}
+log = logging.getLogger("sae_audit")
 
 
-def command(
-    name: str, args: Callable[[argparse.ArgumentParser], object]
-) -> Callable[[Handler], Handler]:
+def command(name: str, args: AddArgs, help: str) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
-        _COMMANDS[name] = (fn, args)
+        _COMMANDS[name] = (fn, args, help)
         return fn
 
     return register
@@ -65,6 +73,13 @@ def _json_bool(text: str) -> bool:
     return value
 
 
+def _takes_json(note: str) -> bool:
+    """Whether a parameter of this annotation takes one JSON argument: a config section or
+    other mapping (but not NAME=PATH pairs), or a list of lists."""
+    pairs = note.startswith(("Mapping[str, Paths]", "Mapping[str, str]"))
+    return ("Mapping" in note and not pairs) or note.startswith("list[list")
+
+
 def _flag(param: inspect.Parameter) -> tuple[dict[str, Any], Callable[[Any], Any]]:
     """argparse keywords and a converter for one stage parameter, read off its annotation.
 
@@ -82,7 +97,7 @@ def _flag(param: inspect.Parameter) -> tuple[dict[str, Any], Callable[[Any], Any
     if note.startswith("Mapping[str, str]"):  # NAME=PATH
         nargs = "*" if optional else "+"
         return {**keywords, "nargs": nargs, "metavar": "NAME=PATH"}, lambda v: _pairs(v or [])
-    if "Mapping" in note or note.startswith("list[list"):  # a config section or other JSON
+    if _takes_json(note):  # a config section or other JSON
         return {**keywords, "type": json.loads, "metavar": "JSON"}, lambda v: v
     if note.startswith("Paths"):  # several paths
         return {**keywords, "nargs": "*" if optional else "+", "metavar": "PATH"}, lambda v: v
@@ -93,14 +108,136 @@ def _flag(param: inspect.Parameter) -> tuple[dict[str, Any], Callable[[Any], Any
     return keywords, lambda v: v
 
 
+# ---------------------------------------------------------------- help of stage options
+# One help per option name, for every stage that takes it; "stage.name" where a stage's
+# option of that name is something else. A config section's option takes its help from
+# the schema's description of the section instead (`_section_help`).
+OPTION_HELP: dict[str, str] = {
+    "feature_table.contexts": "the damaged_contexts table (`sae-audit damaged-contexts`): top FP contexts",
+    "feature_table.sae_spec": "JSON: the SAE's config entry (models.<name>.saes.<sae>); a release and sae_id give a Neuronpedia link",
+    "feature_table.title": "the page's title",
+    "feature_table.out": "the HTML page to write",
+    "base": "the FP base model: a hub id or a local model directory",
+    "bos": "true: the token set starts every sequence with BOS (tokens.bos), "
+    "dropped before the stream is read",
+    "bundle": "true: copy the artifact from the package's bundled fixture when it was "
+    "built from this very config (fixture.bundle); false: build it",
+    "calibration": "the calibration token set (`sae-audit tokenize-calibration`); "
+    "llm-compressor variants only",
+    "checkpoint": "a checkpoint directory written by `sae-audit compress`",
+    "codes": "code shards per variant, VARIANT=SHARD (several per variant)",
+    "codes_dir": "the directory to write one code shard per SAE into (<sae name>.parquet)",
+    "correlation": "correlation tables per variant, VARIANT=TABLE (`sae-audit correlate`)",
+    "entry": "JSON: the variant's config entry (compression.<llmcompressor|gguf|external>"
+    ".<key>); shipped formats only",
+    "expect": "JSON: what every input shard must record ({model, sae, config_hash, "
+    "n_tokens}); a missing key is not checked",
+    "features": "the per-feature class table (features.parquet of `sae-audit survival`)",
+    "features_out": "the per-feature class table to write (parquet)",
+    "fp": "the FP model's code shards under the same SAE",
+    "fp_nll": "the FP model's NLL shards from encode: the perplexity at sparsity 0",
+    "fp_stats": "the FP feature statistics (`sae-audit fp-stats`)",
+    "heldout": "the fixture's held-out text",
+    "matched": "the matched-sparsity search result (`sae-audit match-sparsity`), at most one: "
+    "gives a prune-matched variant its sparsity",
+    "model": "the fixture model's directory",
+    "model_name": "the model's name in the config (models.<name>), recorded in and checked "
+    "against the shards",
+    "nll": "NLL shards per variant, VARIANT=SHARD (several per variant)",
+    "out": "the output file to write (.parquet table or .json record)",
+    "out_dir": "the directory to write the predictor tables into",
+    "pairs": 'JSON: the variant pairs to compare, [["a", "b"], ...]',
+    "perplexity": "the perplexity table (`sae-audit perplexity`)",
+    "reference": "the reference study's published results (models.<name>.reference)",
+    "sae": "the SAE's directory (sae-lens format)",
+    "sae_path": "SAEs that live on disk, NAME=DIRECTORY; the others load by release and id",
+    "seed_turnover": "the seed-turnover table (`sae-audit seed-turnover`), at most one: "
+    "adds the seed-stability shares",
+    "seq_len": "tokens per sequence of the token set",
+    "sliding": "sliding-window perplexity per variant, VARIANT=RESULT "
+    "(`sae-audit sliding-perplexity`)",
+    "summary_out": "the per-variant summary table to write (parquet, and a .csv beside it)",
+    "tables_dir": "the directory of this run's survival, predict and overlap tables",
+    "target": "the variant whose perplexity the pruned model matches (e.g. rtn-int6)",
+    "target_nll": "the target variant's NLL shards from encode",
+    "text": "local text files the documents come from (tokens.paths, or the fixture's "
+    "held-out text); none for source: hf",
+    "tokenizer": "the tokenizer: a hub id or a local directory",
+    "tokens": "the evaluation token shards",
+    "train": "the fixture's train text",
+    "twin": "the twin SAE's directory: the same SAE trained with another seed",
+    "variant": "the variant's code shards under the same SAE",
+    "variant_name": "the variant's name, checked against its shards",
+    "compress.out": "the checkpoint directory to write",
+    "compress.variant": "the variant to make, e.g. rtn-int6, prune-matched-rtn-int6, lc-gptq-w4a16",
+    "encode.nll": "the NLL shard to write (per-token negative log-likelihood)",
+    "encode.tokens": "the token shard to encode",
+    "fixture_corpus.heldout": "the held-out text file to write",
+    "fixture_corpus.train": "the train text file to write",
+    "fixture_tokenizer.out": "the tokenizer directory to write",
+    "fixture_model.out": "the model directory to write",
+    "fixture_reparam.out": "the planted control's model directory to write",
+    "fixture_sae.out": "the SAE directory to write (sae-lens format)",
+    "fixture_sae_twin.out": "the twin SAE directory to write (sae-lens format)",
+    "fp_stats.codes": "the FP model's code shards under one SAE",
+    "tokenize.out": "the token shard files to write, in order",
+    "tokenize_calibration.out": "the calibration token file to write",
+    "tokenize_calibration.tokens": "the evaluation token shards it must share no window with",
+}
+# Where a config section's option is looked up in the schema, by its name; the fixture's
+# stages first under `fixture` (its model, tokenizer and SAE are sections of their own).
+_SECTION_PLACES = ("{name}", "models.*.{name}", "compression.prune.{name}")
+
+
+def _section_help(stage: str, param: inspect.Parameter) -> str | None:
+    """`JSON: config section <path>: <its description>` for an option taking a config
+    section (a JSON mapping named like a schema section), else None."""
+    from .config import section_label, section_schema
+
+    if not _takes_json(str(param.annotation)):
+        return None
+    places = (("fixture.{name}",) if stage.startswith("fixture_") else ()) + _SECTION_PLACES
+    for place in places:
+        path = place.format(name=param.name)
+        try:
+            node = section_schema(path)
+        except KeyError:
+            continue
+        about = first_sentence(node.get("description"))
+        return f"JSON: config section {section_label(path)}" + (f": {about}" if about else "")
+    return None
+
+
+def option_help(stage: str, param: inspect.Parameter) -> str:
+    """The one-line help of a stage's option; "" where none is written (tests/test_cli.py
+    fails on it, rather than every command of a run)."""
+    return (
+        OPTION_HELP.get(f"{stage}.{param.name}")
+        or _section_help(stage, param)
+        or OPTION_HELP.get(param.name, "")
+    )
+
+
+def first_sentence(text: str | None) -> str:
+    """The first sentence (or clause before a semicolon) of a text's first paragraph, on
+    one line: a command's line in `sae-audit --help`, a section's option help."""
+    first = " ".join((text or "").split("\n\n", 1)[0].split())
+    for end in (". ", "; "):
+        first = first.split(end, 1)[0]
+    return first if not first or first.endswith(".") else first + "."
+
+
 def _stage_command(name: str, fn: Callable[..., Any]) -> None:
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
     flags = {p.name: _flag(p) for p in params}
 
     def add_args(parser: argparse.ArgumentParser) -> None:
         parser.description = inspect.getdoc(fn)
-        for pname, (keywords, _) in flags.items():
-            parser.add_argument(f"--{pname.replace('_', '-')}", dest=pname, **keywords)
+        for p in params:
+            keywords, _ = flags[p.name]
+            flag = f"--{p.name.replace('_', '-')}"
+            help_line = option_help(name, p).replace("%", "%%")  # argparse formats help with %
+            parser.add_argument(flag, dest=p.name, help=help_line, **keywords)
 
     def handler(a: argparse.Namespace) -> Any:
         kwargs = {}
@@ -108,15 +245,9 @@ def _stage_command(name: str, fn: Callable[..., Any]) -> None:
             value = getattr(a, pname)
             if value is not None:
                 kwargs[pname] = convert(value)
-        result = fn(**kwargs)
-        # A table is summarized in the log by its shape, not printed whole.
-        return (
-            {"rows": result.height, "columns": result.width}
-            if isinstance(result, pl.DataFrame)
-            else result
-        )
+        return fn(**kwargs)
 
-    _COMMANDS[name.replace("_", "-")] = (handler, add_args)
+    _COMMANDS[name.replace("_", "-")] = (handler, add_args, first_sentence(inspect.getdoc(fn)))
 
 
 def _register_stages() -> None:
@@ -132,9 +263,10 @@ _register_stages()
 @command(
     "prefetch",
     lambda p: (
-        p.add_argument("--configfile", required=True),
+        p.add_argument("--configfile", required=True, help="the workflow config file (YAML)"),
         p.add_argument("--dry-run", "-n", action="store_true", help="list what would be fetched"),
     ),
+    help="Download every model and SAE a config reads from the hub into the local cache.",
 )
 def _prefetch(a: argparse.Namespace) -> Any:
     from . import config
@@ -147,7 +279,11 @@ def _prefetch(a: argparse.Namespace) -> Any:
 @command(
     "fixture-bundle",
     lambda p: (
-        p.add_argument("--configfile", default="config/config.yaml"),
+        p.add_argument(
+            "--configfile",
+            default="config/config.yaml",
+            help="the config whose fixture section the bundle is built from",
+        ),
         p.add_argument(
             "--from",
             dest="fixture_dir",
@@ -161,6 +297,7 @@ def _prefetch(a: argparse.Namespace) -> Any:
             help="rebuild from scratch and compare with the bundle instead of writing it",
         ),
     ),
+    help="Maintainers: (re)write the fixture bundled in the package, or check it.",
 )
 def _fixture_bundle(a: argparse.Namespace) -> Any:
     # Maintainers: (re)write the bundled fixture, or check that it is what its config builds.
@@ -199,9 +336,15 @@ def _fixture_bundle(a: argparse.Namespace) -> Any:
             help="JSON: weight bits per variant (config.variant_bits, null for none): "
             "the order and grouping of the variants drawn",
         ),
-        p.add_argument("--inputs", nargs="+", required=True),
-        p.add_argument("--out", required=True),
+        p.add_argument("--inputs", nargs="+", required=True, help="the tables the figure draws"),
+        p.add_argument(
+            "--out",
+            nargs="+",
+            required=True,
+            help="the figure's file(s), one per format: .png, .svg, .pdf",
+        ),
     ),
+    help="Draw one figure of the report from result tables.",
 )
 def _plot(a: argparse.Namespace) -> Any:
     from .figures import FigureCallError, get_figure
@@ -225,6 +368,7 @@ def _plot(a: argparse.Namespace) -> Any:
             "the row order and the bits column",
         ),
     ),
+    help="A result table as a readable HTML and/or CSV table of the report.",
 )
 def _report_table(a: argparse.Namespace) -> Any:
     from .report_tables import report_table
@@ -240,6 +384,7 @@ def _report_table(a: argparse.Namespace) -> Any:
         nargs=argparse.REMAINDER,
         help="after `--`: the snakemake arguments of the killed run",
     ),
+    help="Resume a killed run: unlock the working directory and run snakemake again.",
 )
 def _resume(a: argparse.Namespace) -> Any:
     # After kill -9: refuses while the run lives, else `snakemake --unlock` and a re-run.
@@ -249,13 +394,39 @@ def _resume(a: argparse.Namespace) -> Any:
         raise SystemExit(code)
 
 
+DESCRIPTION = """\
+Audit whether the sparse-autoencoder features of a language model survive its
+compression. Each command is one step of the workflow (`snakemake` runs them, one job
+each); `sae-audit <command> --help` lists a command's options."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sae-audit", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, add_args) in _COMMANDS.items():
-        add_args(sub.add_parser(name))
+    parser = argparse.ArgumentParser(prog="sae-audit", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"sae-audit {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the command's result as JSON (for scripts) instead of readable text",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for name, (_, add_args, help_line) in _COMMANDS.items():
+        # The description keeps the docstring's paragraphs as written.
+        formatter = argparse.RawDescriptionHelpFormatter
+        help_line = help_line.replace("%", "%%")  # argparse formats help with %
+        add_args(sub.add_parser(name, help=help_line, formatter_class=formatter))
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sae-audit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from . import __version__
+
+        return f"{__version__} (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,7 +436,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    log.info("sae-audit %s: %s", args.command, inputs_line(args))  # a job log's first line
     from .files import AuditError
+    from .threads import apply_torch_threads
+
+    apply_torch_threads()  # the rule's {threads}, cold or warm (sae_audit.threads)
 
     try:
         result = _COMMANDS[args.command][0](args)
@@ -276,8 +451,114 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sae-audit {args.command}: error: {e}", file=sys.stderr)
         return 1
     if result is not None:
-        print(json.dumps(result, indent=2, default=str))
+        print(as_json(result) if args.json else readable(result))
     return 0
+
+
+# ---------------------------------------------------------------- what a job log shows
+# The first line of a job's log names the command and its inputs; the last lines are the
+# command's result, for people: a record as aligned `key: value` lines, a table as a
+# table. Config sections (JSON) are left out of the first line: the config file has them.
+_NOT_INPUTS = {"command", "verbose", "json"}
+LINE_VALUE_CHARS = 80  # one value of the first line, at most
+TABLE_CONFIG = {
+    "tbl_rows": 20,
+    "tbl_cols": 24,
+    "tbl_width_chars": 1000,  # no wrapped cells: a log is read with long lines
+    "tbl_hide_column_data_types": True,
+    "fmt_str_lengths": 40,
+}
+LIST_ITEMS = 12  # items of a list shown before it is cut short
+
+
+def inputs_line(args: argparse.Namespace) -> str:
+    """`name=value, ...` of the arguments given, JSON ones left out, long ones cut short."""
+    parts = []
+    for name, value in vars(args).items():
+        if name in _NOT_INPUTS or value is None or value == [] or isinstance(value, Mapping):
+            continue
+        if isinstance(value, list):
+            if any(isinstance(v, list | Mapping) for v in value):  # JSON
+                continue
+            text = str(value[0]) + (f" (+{len(value) - 1} more)" if len(value) > 1 else "")
+        else:
+            text = compact(value)
+        if len(text) > LINE_VALUE_CHARS:
+            text = text[: LINE_VALUE_CHARS - 3] + "..."
+        parts.append(f"{name}={text}")
+    return ", ".join(parts)
+
+
+def as_json(result: Any) -> str:
+    if isinstance(result, pl.DataFrame):
+        result = result.to_dicts()
+    return json.dumps(result, indent=2, default=str)
+
+
+def readable(result: Any) -> str:
+    """A command's result as people read it (see `_table`, `_record_lines`, `compact`)."""
+    table = _table(result)
+    if table is not None:
+        return _table_text(table)
+    if isinstance(result, Mapping):
+        return "\n".join(_record_lines(result))
+    return compact(result)
+
+
+def _table(value: Any) -> pl.DataFrame | None:
+    """A DataFrame, or a list of row records as one; None for anything else."""
+    if isinstance(value, pl.DataFrame):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        try:
+            return pl.from_dicts([dict(v) for v in value], infer_schema_length=None)
+        except (TypeError, ValueError, pl.exceptions.PolarsError):  # rows of mixed kinds
+            return None
+    return None
+
+
+def _table_text(table: pl.DataFrame) -> str:
+    with pl.Config(**TABLE_CONFIG):
+        return str(table)
+
+
+def _record_lines(record: Mapping[str, Any]) -> list[str]:
+    """`key: value` lines, values aligned; a table value below its key, indented."""
+    width = max((len(str(k)) for k in record), default=0) + 1
+    lines = []
+    for key, value in record.items():
+        table = _table(value)
+        if table is None:
+            lines.append(f"{f'{key}:':<{width}} {compact(value)}")
+        else:
+            lines.append(f"{key}:")
+            lines.extend("  " + line for line in _table_text(table).splitlines())
+    return lines
+
+
+def compact(value: Any) -> str:
+    """One value on one line: numbers to 6 significant digits, mappings and lists inline,
+    long lists cut short with their length."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return f"{float(value):.6g}"
+    if isinstance(value, str | Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {compact(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        shown = [compact(v) for v in value[:LIST_ITEMS]]
+        if len(value) > LIST_ITEMS:
+            shown.append(f"... ({len(value)} items)")
+        return "[" + ", ".join(shown) + "]"
+    if isinstance(value, pl.DataFrame):
+        return f"<table: {value.height} rows, {value.width} columns>"
+    return str(value)
 
 
 if __name__ == "__main__":

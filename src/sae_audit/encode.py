@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from . import progress
 from .config import FROM_SCHEMA, ConfigSection
 from .files import AuditError
 from .models import ActivationCapture
@@ -155,7 +155,7 @@ def encode_shard_multi(
             for t in targets
         ]
         dtypes = [next(t.sae.parameters()).dtype for t in targets]
-        for lo in tqdm(
+        for lo in progress.bar(
             range(0, n_seq, cfg.batch_size), desc=f"encode {meta['variant']}", unit="batch"
         ):
             batch = torch.from_numpy(ids[lo : lo + cfg.batch_size]).to(device)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from sae_audit import progress
 from sae_audit.config import FROM_SCHEMA, ConfigSection, check_matched, schema_default
 from sae_audit.variants import parse_variant
 
@@ -349,14 +350,14 @@ class PruneSearch:
 def sequence_perplexity(model: Any, ids: np.ndarray, batch_size: int, desc: str = "") -> float:
     """Token-weighted perplexity of `ids` [n_seq, seq_len] from the encode forward (`batch_nll`)."""
     import torch
-    from tqdm import tqdm
 
     from .encode import batch_nll
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
-        for lo in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False):
+        batches = range(0, len(ids), batch_size)
+        for lo in progress.bar(batches, desc=desc, unit="batch", transient=True):
             batch = torch.from_numpy(ids[lo : lo + batch_size]).to(device)
             nll = batch_nll(model, batch)
             total += float(nll.double().sum())
@@ -376,19 +377,30 @@ def match_sparsity(
     (`interpolate_sparsity`); `lo_perplexity` is the perplexity at cfg.lo on `ids` when it is
     known without a forward pass (the FP model's, for lo = 0)."""
 
+    # One step of the overall bar per perplexity evaluation, max_steps at most (the search
+    # may stop sooner); each evaluation has its own bar over its batches.
+    evaluations = progress.bar(
+        total=cfg.max_steps, desc=f"match {search.variant.name}", unit="evaluation"
+    )
+
     def perplexity_at(sparsity: float) -> float:
         ppl = sequence_perplexity(
             search.model_at(sparsity), ids, batch_size, desc=f"ppl @ sparsity {sparsity:.4f}"
         )
         log.info("sparsity %.5f -> perplexity %.4f (target %.4f)", sparsity, ppl, target_perplexity)
+        evaluations.set_postfix(sparsity=f"{sparsity:.4f}", perplexity=f"{ppl:.4f}", refresh=False)
+        evaluations.update(1)
         return ppl
 
-    return interpolate_sparsity(
-        perplexity_at,
-        target_perplexity,
-        cfg.lo,
-        cfg.hi,
-        cfg.tolerance,
-        cfg.max_steps,
-        lo_perplexity=lo_perplexity,
-    )
+    with evaluations:
+        found = interpolate_sparsity(
+            perplexity_at,
+            target_perplexity,
+            cfg.lo,
+            cfg.hi,
+            cfg.tolerance,
+            cfg.max_steps,
+            lo_perplexity=lo_perplexity,
+        )
+        evaluations.total = evaluations.n  # done: the last line says so, not "2/14"
+    return found

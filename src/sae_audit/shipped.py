@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import progress
 from .models import Family, family_of, load_model
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,11 @@ def run_oneshot(
     """llm-compressor's oneshot on `model` in place, on the calibration token ids."""
     from llmcompressor.entrypoints.oneshot import oneshot
 
+    # oneshot draws its own bars, one per calibration pass and layer: this names the whole.
+    log.info(
+        "llm-compressor oneshot: %s on %d calibration sequences of %d tokens",
+        ", ".join(type(m).__name__ for m in recipe), len(ids), ids.shape[1],
+    )  # fmt: skip
     with cpu_safe_awq():
         oneshot(
             model=cast(Any, model),
@@ -261,7 +267,8 @@ def calibrate_kv(
     for m in modules:
         setattr(m, KV_ATTRIBUTE, KVQuant(kind))
     with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
+        batches = range(0, len(ids), batch_size)
+        for start in progress.bar(batches, desc=f"calibrate kv-{kind}", unit="batch"):
             batch = torch.from_numpy(ids[start : start + batch_size].astype(np.int64))
             model(batch.to(device), use_cache=False)
     scales: dict[str, torch.Tensor] = {}

@@ -84,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--serve"]:
         return serve(Path(args[1]))
-    if enabled():
+    # Help and the version run no job: a server's start (importing torch) is all they'd wait on.
+    only_help = not args or {"-h", "--help", "--version"} & set(args)
+    if enabled() and not only_help:
         try:
             return run_warm(args)
         except WarmUnavailable as e:
@@ -366,11 +368,8 @@ def _start(
 
 
 def _run_child(argv: list[str]) -> int:
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit() and "torch" in sys.modules:
-        import torch
-
-        torch.set_num_threads(int(threads))
+    # cold_main gives the preloaded torch this job's threads (sae_audit.threads), as it
+    # does a torch that a cold command loads.
     sys.argv = ["sae-audit", *argv]
     from .cli import main as cold_main
 
