@@ -74,6 +74,7 @@ NO_SCHEMA_DEFAULT = {
 UNREAD = {
     "results",  # the Snakefile: the output root
     "fixture.bundle",  # the fixture rules' --bundle flag (sae_audit.fixture.bundle)
+    "report.figure_formats",  # the workflow: figure_targets in common.smk (figures.figure_formats)
     "models.*.reference",  # the workflow: a reference-comparison input file
     "models.*.tokens.paths",  # the workflow: the tokenize job's input files
     # the workflow rules' threads: / resources: of a model's heavy jobs

@@ -18,7 +18,13 @@ import pytest
 from sae_audit import config as audit_config
 from sae_audit import plots, report_tables
 from sae_audit.cli import main as cli_main
-from sae_audit.figures import FIGURE_REGISTRY, FigureCallError, figure_names, get_figure
+from sae_audit.figures import (
+    FIGURE_REGISTRY,
+    FigureCallError,
+    figure_formats,
+    figure_names,
+    get_figure,
+)
 
 from .conftest import TEST_CONFIG, snakemake
 
@@ -439,12 +445,13 @@ def test_figures_draw_the_configured_thresholds(params, tables, tmp_path, monkey
             )
     assert {n for n, f in FIGURE_REGISTRY.items() if f.thresholds} == set(captured)
 
+    # both draw the thresholds on the damage scale, 1 - r
+    cuts = {round(1 - survived, 6), round(1 - destroyed, 6)}
     hist_fig, hist_axes = captured["correlation_histograms"]
-    assert all(_vlines(ax) == {destroyed, survived} for ax in hist_axes)
-    assert f"r = {destroyed:g}, {survived:g}" in hist_fig.get_suptitle()
+    assert all(_vlines(ax) == cuts for ax in hist_axes)
+    assert f"r = {survived:g} / {destroyed:g}" in hist_fig.get_suptitle()
 
     scatter_fig, scatter_axes = captured["rtn_vs_pruning_scatter"]
-    cuts = {round(1 - survived, 6), round(1 - destroyed, 6)}
     assert all(_vlines(ax) == cuts for ax in scatter_axes)
     assert f"r = {survived:g} / {destroyed:g}" in scatter_fig.get_suptitle()
     # the cell counts follow the thresholds: the features put in the same class by both
@@ -487,16 +494,16 @@ def test_figure_structure(tables, tmp_path, monkeypatch):
     assert sorted(ax.get_title() for ax in hist_axes) == sorted(VARIANTS)
     assert len(plots.CLASSES) == 4 and set(plots.PALETTE) == set(plots.CLASSES)
     assert all(len(ax.containers) == 4 for ax in hist_axes)
-    # one scatter facet per overlap pair, RTN on x, Spearman in the title (NaN shown as n/a)
-    scatter_axes = captured["rtn_vs_pruning_scatter"]["axes"]
-    assert len(scatter_axes) == 2
-    assert all(ax.get_xlabel().endswith(("rtn-int8", "rtn-int4")) for ax in scatter_axes)
-    titles = " ".join(ax.get_title() for ax in scatter_axes)
-    assert "Spearman" in titles and "0.950" in titles and "n/a" in titles
+    # one scatter facet per pair of a variant and its matched pruning: rtn-int4 against
+    # prune-matched-rtn-int4, not rtn-int8 against it; RTN on x, Spearman in the title
+    (scatter,) = captured["rtn_vs_pruning_scatter"]["axes"]
+    assert scatter.get_xlabel().endswith("rtn-int4")
+    assert scatter.get_ylabel().endswith("prune-matched-rtn-int4")
     # each number beside its baseline: the null's Spearman, the chance Jaccard and p
-    assert "(null 0.410)" in titles and "= 0.80 (chance 0.12, p = 3e-05)" in titles
-    # 4 damage lines (2 cuts x 2 axes) + diagonal in each facet
-    assert all(len(ax.lines) >= 5 for ax in scatter_axes)
+    assert "Spearman $\\rho$ = 0.950 (null 0.410)" in scatter.get_title()
+    assert "= 0.80 (chance 0.12, p = 3e-05)" in scatter.get_title()
+    # 4 damage lines (2 cuts x 2 axes) + diagonal
+    assert len(scatter.lines) >= 5
     # ROC: rtn-int8 has one class only (NaN AUC) and is listed as not shown, fp-null is left out
     (roc,) = captured["roc_curves"]["axes"]
     labels = [" ".join(t.get_text().split()) for t in roc.get_legend().get_texts()]
@@ -586,6 +593,7 @@ def test_every_figure_has_function_and_caption():
     assert captions - {f.caption for f in FIGURE_REGISTRY.values()} == {
         "workflow.rst",
         "tables.rst",
+        "feature_table.rst",  # the interactive per-feature table (rule feature_table)
     }
     # nothing outside the registry is drawable by name
     assert not [n for n in ("_save", "report_table", "thresholds") if n in FIGURE_REGISTRY]
@@ -846,3 +854,278 @@ def test_report_tables_cover_configured(tables, tmp_path):
             out = tmp_path / f"{name}.{ext}"
             report_tables.report_table(tables[name], out=out)
             assert out.stat().st_size > 100
+
+
+# ---------------------------------------------------------------- readable figures
+def _text_boxes(fig, ax) -> list:
+    """Window extents of an axes' labels with text (leader lines are empty annotations)."""
+    renderer = fig.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in ax.texts if t.get_text().strip()]
+
+
+def test_correlation_histograms_show_small_damage_on_a_log_axis(tables, tmp_path, monkeypatch):
+    """Damage 1 - r on a log axis that covers every feature's damage; r = 1 exactly (a log
+    axis has no 0) counted in the panel, and every active feature either drawn or counted."""
+    captured = _spy_save(monkeypatch)
+    plots.correlation_histograms(tables["features"], out=tmp_path / "h.png")
+    fig, axes = captured["h"]
+    features = pl.read_parquet(tables["features"]).filter(pl.col("active"))
+    by_title = {ax.get_title(): ax for ax in axes}
+    assert set(by_title) == set(VARIANTS)
+    for variant, ax in by_title.items():
+        damage = features.filter(pl.col("variant") == variant)["damage"].to_numpy()
+        assert ax.get_xscale() == "log"
+        lo, hi = ax.get_xlim()
+        assert lo <= plots.DAMAGE_FLOOR and hi >= damage.max()
+        drawn = sum(p.get_height() for c in ax.containers for p in c)
+        exact = int((damage == 0).sum())
+        assert drawn + exact == damage.size, variant
+        text = " ".join(t.get_text() for t in ax.texts)
+        assert f"n={damage.size}" in text
+        assert (f"r = 1 exactly: {exact}" in text) == (exact > 0), (variant, text)
+    # the null run is identical to FP: nothing on the axis, every feature counted as r = 1
+    assert "r = 1 exactly: " in " ".join(t.get_text() for t in by_title["fp-null"].texts)
+    # the mild variant is visible: its bars sit well left of the survival cut, not in one
+    # spike at the right edge as on an r axis from -1 to 1
+    mild = by_title["rtn-int8"]
+    heights = [(p.get_x(), p.get_height()) for c in mild.containers for p in c if p.get_height()]
+    assert len({x for x, _ in heights}) >= 5
+    assert max(x for x, _ in heights) < 0.1
+    assert f"axis from {plots.DAMAGE_FLOOR:g}" in fig.get_suptitle()
+
+
+def test_scatter_draws_the_matched_pairs_only(tables, tmp_path, monkeypatch):
+    """By default the overlap table holds every RTN x matched-pruning pair and the shipped
+    formats against RTN: the scatter draws each variant against its own matched pruning.
+    A table without such a pair (overlap.pairs configured to others) is drawn whole."""
+    base = pl.read_parquet(tables["overlap"]).row(1, named=True)
+    default = [
+        ("rtn-int8", "prune-matched-rtn-int6"),
+        ("rtn-int6", "prune-matched-rtn-int6"),
+        ("rtn-int4", "prune-matched-rtn-int6"),
+        ("rtn-int8", "prune-matched-rtn-int4"),
+        ("rtn-int6", "prune-matched-rtn-int4"),
+        ("rtn-int4", "prune-matched-rtn-int4"),
+        ("rtn-int4", "lc-gptq-w4a16"),
+        ("rtn-int8", "gguf-q8_0"),
+    ]
+    table = pl.DataFrame([{**base, "variant_a": a, "variant_b": b} for a, b in default])
+    picked = plots.scatter_pairs(table).select("variant_a", "variant_b").rows()
+    assert picked == [
+        ("rtn-int6", "prune-matched-rtn-int6"),
+        ("rtn-int4", "prune-matched-rtn-int4"),
+    ]
+    # the matched variant on either side
+    swapped = table.rename({"variant_a": "variant_b", "variant_b": "variant_a"})
+    assert plots.scatter_pairs(swapped).height == 2
+    # configured pairs without a matched one: all of them, RTN on x, NaN Spearman as n/a
+    configured = pl.read_parquet(tables["overlap"]).with_columns(
+        pl.lit("fp-null").alias("variant_b")
+    )
+    path = tmp_path / "configured.parquet"
+    configured.write_parquet(path)
+    captured = _spy_save(monkeypatch)
+    plots.rtn_vs_pruning_scatter(tables["features"], path, out=tmp_path / "s.png")
+    _, axes = captured["s"]
+    assert sorted((ax.get_xlabel(), ax.get_ylabel()) for ax in axes) == [
+        ("damage 1 - r, rtn-int4", "damage 1 - r, fp-null"),
+        ("damage 1 - r, rtn-int8", "damage 1 - r, fp-null"),
+    ]
+    assert "n/a" in " ".join(ax.get_title() for ax in axes)
+    # log axes that start below the smallest damage of the pair, so mild damage shows
+    features = pl.read_parquet(tables["features"]).filter(pl.col("active"))
+    for ax in axes:
+        a = ax.get_xlabel().rsplit(", ", 1)[1]
+        damage = features.filter(pl.col("variant") == a, pl.col("damage") > 0)["damage"]
+        assert ax.get_xscale() == ax.get_yscale() == "log"
+        assert ax.get_xlim()[0] <= damage.min()
+
+
+def test_line_figures_tell_variants_apart(shipped_tables, tables, tmp_path, monkeypatch):
+    """Qualitative colors far apart (not nine shades of one hue), one per variant and the
+    same in every figure; variants with nothing below 100 % named, not drawn on top of
+    each other; the others shifted sideways so equal values stay visible."""
+    colors = plots._distinct_colors(16)
+    distances = [math.dist(a, b) for i, a in enumerate(colors) for b in colors[i + 1 :]]
+    assert min(distances) >= 0.2
+    styles = plots._line_styles(SHIPPED_ORDER, SHIPPED_BITS)
+    rtn = [styles[v][0] for v in SHIPPED_ORDER if v.startswith("rtn-")]
+    assert len(set(rtn)) == 7  # seven RTN variants, seven colors
+    assert {styles[v][1] for v in SHIPPED_ORDER if v.startswith("lc-")} == {"s"}
+
+    captured = _spy_save(monkeypatch)
+    quantiles = tables["survival_by_quantile"]
+    plots.survival_by_quartile(quantiles, out=tmp_path / "q.png")
+    plots.survival_by_firing_rate_decile(quantiles, out=tmp_path / "d.png")
+    table = pl.read_parquet(quantiles)
+    # rtn-int8 survives in every bin: named in the legend, no line
+    always = {
+        v
+        for v in table["variant"].unique()
+        if table.filter(pl.col("variant") == v)["survived_frac"].min() == 1.0
+    }
+    assert always == {"rtn-int8"}
+    for name in ("q", "d"):
+        _, axes = captured[name]
+        for ax in axes:
+            lines = {line.get_label(): line for line in ax.lines}
+            assert set(lines) == {"rtn-int4", "prune-matched-rtn-int4"}
+            a, b = lines["rtn-int4"], lines["prune-matched-rtn-int4"]
+            assert a.get_color() != b.get_color()
+            assert a.get_marker() != b.get_marker()  # RTN circles, matched pruning triangles
+            # same bins, shifted apart
+            assert np.all(np.abs(a.get_xdata() - b.get_xdata()) > 0.1)
+        legend = " ".join(
+            " ".join(t.get_text().split())
+            for ax in axes
+            if ax.get_legend()
+            for t in ax.get_legend().get_texts()
+        )
+        assert "not drawn" in legend and "rtn-int8" in legend
+    # the same variant has the same color in the quartile and decile figures
+    (q_ax, *_), (d_ax,) = captured["q"][1], captured["d"][1]
+    q_colors = {line.get_label(): line.get_color() for line in q_ax.lines}
+    d_colors = {line.get_label(): line.get_color() for line in d_ax.lines}
+    assert q_colors == d_colors
+    # the decile title states this run's direction, computed from the table
+    assert "under 2 of 2 variants with damage, more under 0" in d_ax.get_title()
+    # stability: a line per variant below 100 % somewhere, none for one at 100 % throughout
+    full = pl.read_parquet(tables["stability"]).with_columns(
+        pl.when(pl.col("variant") == "rtn-int8")
+        .then(100.0)
+        .otherwise("survived_pct")
+        .alias("survived_pct")
+    )
+    full.write_parquet(tmp_path / "stability.parquet")
+    plots.stability(tmp_path / "stability.parquet", out=tmp_path / "s.png")
+    (s_ax,) = captured["s"][1]
+    drawn = {line.get_label() for line in s_ax.lines if not line.get_label().startswith("_")}
+    assert drawn == {"rtn-int4", "prune-matched-rtn-int4", "fp-null"}
+    assert len({line.get_color() for line in s_ax.lines}) == 3
+    legend = " ".join(" ".join(t.get_text().split()) for t in s_ax.get_legend().get_texts())
+    assert "survived throughout, not drawn: rtn-int8" in legend
+
+
+def test_perplexity_vs_damage_labels_do_not_overlap(shipped_tables, tables, tmp_path, monkeypatch):
+    """Sixteen variants, most of them near the origin: every variant is labelled (adjustText
+    places the labels), and no two label boxes overlap in the saved figure."""
+    captured: dict[str, tuple[list[str], list]] = {}
+    save = plots._save
+
+    def spy(fig, path):
+        (ax,) = fig.axes
+        fig.tight_layout()  # what _save does first: the final pixel positions
+        texts = [t for t in ax.texts if t.get_text().strip()]
+        boxes = _text_boxes(fig, ax)
+        captured[Path(path).stem] = ([t.get_text() for t in texts], boxes)
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    # as in the demo: sixteen distinct points, all but two within 0.3 % of FP and undamaged
+    shipped = pl.read_parquet(shipped_tables["survival"])
+    crowded = shipped.with_columns(
+        pl.Series("dppl_chunked_pct", [0.02 * (i + 1) for i in range(shipped.height)]),
+        pl.when(pl.col("variant").is_in(["rtn-int2", "rtn-int3"]))
+        .then(pl.col("survived_pct"))
+        .otherwise(100.0),
+    ).drop("dppl_sliding_pct")
+    crowded.write_parquet(tmp_path / "crowded.parquet")
+    cases = {
+        "crowded": tmp_path / "crowded.parquet",
+        "shipped": shipped_tables["survival"],
+        "small": tables["survival"],
+    }
+    for name, path in cases.items():
+        plots.perplexity_vs_damage(path, out=tmp_path / f"{name}.png", variants=SHIPPED_BITS)
+        labels, boxes = captured[name]
+        named = [n for label in labels for n in label.split("\n")]
+        survival = pl.read_parquet(path).filter(pl.col("dppl_chunked_pct").is_not_null())
+        assert sorted(named) == sorted(survival["variant"])
+        overlapping = [
+            (labels[i], labels[j])
+            for i, a in enumerate(boxes)
+            for j, b in enumerate(boxes)
+            if i < j and a.overlaps(b)
+        ]
+        assert not overlapping
+    assert len(captured["crowded"][0]) == 16  # one label per point
+
+
+def test_class_legend_clear_of_the_bars(shipped_tables, tmp_path, monkeypatch):
+    """The class legend sits outside the bars (it covered the 8-bit bar)."""
+    boxes: dict[str, list] = {}
+    save = plots._save
+
+    def spy(fig, path):
+        (ax,) = fig.axes
+        fig.tight_layout()
+        renderer = fig.canvas.get_renderer()
+        boxes["legend"] = [ax.get_legend().get_window_extent(renderer)]
+        boxes["bars"] = [p.get_window_extent(renderer) for c in ax.containers for p in c]
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    plots.class_fractions_vs_bits(
+        shipped_tables["survival"], out=tmp_path / "c.png", variants=SHIPPED_BITS
+    )
+    (legend,) = boxes["legend"]
+    assert len(boxes["bars"]) == 4 * 13  # four classes on each RTN or shipped variant
+    assert not any(legend.overlaps(bar) for bar in boxes["bars"])
+
+
+def test_coefficients_state_the_direction_from_the_table(tables, tmp_path, monkeypatch):
+    """Which way a predictor goes is counted from the table under it, never claimed."""
+    captured = _spy_save(monkeypatch)
+    plots.coefficients(tables["predict_coefficients"], out=tmp_path / "c.png")
+    _, (left, right) = captured["c"]
+    ticks = {
+        ax: {
+            t.get_text().split("\n")[0]: " ".join(t.get_text().split("\n")[1:])
+            for t in ax.get_xticklabels()
+        }
+        for ax in (left, right)
+    }
+    # coefficients -1.0, -0.6, -0.2, 0.2 and marginal AUCs 0.3 .. 0.6 in the two variants
+    # with both classes (rtn-int8 has one class: no fit)
+    assert ticks[left]["rarity"] == "higher survives more: 0 of 2 variants"
+    assert ticks[left]["log_concentration"] == "higher survives more: 2 of 2 variants"
+    assert ticks[right]["log_peak"] == "higher survives more: 0 of 2 variants"  # AUC 0.5
+    assert ticks[right]["log_concentration"] == "higher survives more: 2 of 2 variants"
+    caption = (REPORT_DIR / "coefficients.rst").read_text()
+    assert "rare features dying first" not in caption
+
+
+def test_figures_in_the_requested_formats(tables, tmp_path):
+    """report.figure_formats: PNG always (the report's), then the others requested, each
+    a real file of its format from one draw call."""
+    assert figure_formats() == ["png"]
+    assert figure_formats(["svg", "png", "pdf"]) == ["png", "svg", "pdf"]
+    with pytest.raises(ValueError, match="eps"):
+        figure_formats(["eps"])
+    outs = [tmp_path / f"stability.{ext}" for ext in ("png", "svg", "pdf")]
+    get_figure("stability").draw(tables["stability"], out=outs)
+    _assert_png(outs[0])
+    assert b"<svg" in outs[1].read_bytes()[:2000]
+    assert outs[2].read_bytes()[:5] == b"%PDF-"
+    with pytest.raises(FigureCallError, match=r"cannot write 'x\.eps'"):
+        get_figure("stability").draw(tables["stability"], out=tmp_path / "x.eps")
+
+
+def test_workflow_writes_the_requested_figure_formats(tmp_path):
+    """With svg and pdf requested, a dry run plans every figure in every format from one
+    job, PNG first (the report entry), and the default plans PNG only."""
+    override = 'report={"figure_formats": ["svg", "pdf"]}'
+    proc = snakemake(tmp_path, TEST_CONFIG, "-n", "-p", "--config", override)
+    text = proc.stdout + proc.stderr
+    outputs = dict(
+        re.findall(r"^rule plot_(\w+):\n(?:    .*\n)*?    output: (.*)$", text, flags=re.M)
+    )
+    assert set(outputs) == set(FIGURE_REGISTRY)
+    for name, listed in outputs.items():
+        stem = f"results/figures/fixture/res/{name}"
+        assert listed.split(", ") == [f"{stem}.png", f"{stem}.svg", f"{stem}.pdf"]
+    shells = re.findall(
+        r"^Shell command: sae-audit plot (\w+) .* --out (\S+ \S+ \S+) >", text, flags=re.M
+    )
+    assert len(shells) == len(FIGURE_REGISTRY)
+    assert all(outs.endswith(".pdf") for _, outs in shells)

@@ -32,6 +32,9 @@ from .variants import Variant, parse_variant
 
 # Weight bits per variant name (config.variant_bits): None for no bit-width.
 VariantBits = Mapping[str, int | None]
+# The file formats a figure can be written in (config report.figure_formats); the
+# first is the one the report shows, always made.
+FIGURE_FORMATS = ("png", "svg", "pdf")
 # Within one bit-width: RTN first, then the shipped formats, one kind after another.
 _BITS_KINDS = {"rtn": 0, "llmcompressor": 1, "gguf": 2, "external": 3}
 
@@ -81,13 +84,23 @@ def variant_order(names: Iterable[str], variants: VariantBits | None = None) -> 
     return sorted({str(n) for n in names}, key=lambda n: variant_order_key(n, variants))
 
 
+def figure_formats(requested: Iterable[str] = ()) -> list[str]:
+    """The formats each figure is written in: PNG, which the report shows, then the other
+    requested formats (config report.figure_formats) in ``FIGURE_FORMATS`` order."""
+    unknown = set(requested) - set(FIGURE_FORMATS)
+    if unknown:
+        raise ValueError(f"unknown figure format(s) {sorted(unknown)}; known: {FIGURE_FORMATS}")
+    return [FIGURE_FORMATS[0], *(f for f in FIGURE_FORMATS[1:] if f in set(requested))]
+
+
 class FigureCallError(ValueError):
     """A figure called with the wrong number of tables, or with params it does not take."""
 
 
 @dataclass(frozen=True)
 class Figure:
-    """One figure: ``{results}/figures/{model}/{sae}/NAME.png``.
+    """One figure: ``{results}/figures/{model}/{sae}/NAME.png``, and NAME.svg / NAME.pdf
+    where config report.figure_formats asks for them (``figure_formats``).
 
     inputs: the result tables it reads, in the order the function takes them, as path
         templates relative to ``{results}/tables`` with the ``{model}`` and ``{sae}``
@@ -122,26 +135,37 @@ class Figure:
     def draw(
         self,
         *inputs: str | Path,
-        out: str | Path,
+        out: str | Path | Sequence[str | Path],
         params: Mapping[str, Any] | None = None,
         variants: VariantBits | None = None,
     ) -> None:
-        """Draw the figure from its input tables into ``out``; ``params`` is the
-        ``analysis`` config slice (only for figures that draw thresholds), ``variants``
-        the weight bits per variant (``config.variant_bits``)."""
+        """Draw the figure from its input tables into ``out``, one path or several (one per
+        format, ``FIGURE_FORMATS``, told by the suffix); ``params`` is the ``analysis``
+        config slice (only for figures that draw thresholds), ``variants`` the weight bits
+        per variant (``config.variant_bits``)."""
         if len(inputs) != len(self.inputs):
             raise FigureCallError(
                 f"figure {self.name!r} reads {len(self.inputs)} table(s) "
                 f"({', '.join(self.inputs)}), got {len(inputs)}"
             )
+        if params and not self.thresholds:
+            raise FigureCallError(f"figure {self.name!r} draws no thresholds and takes no params")
+        outs = [out] if isinstance(out, str | Path) else list(out)
+        for path in outs:
+            if Path(path).suffix.lstrip(".") not in FIGURE_FORMATS:
+                raise FigureCallError(
+                    f"figure {self.name!r}: cannot write {Path(path).name!r}; formats: "
+                    + ", ".join(FIGURE_FORMATS)
+                )
         fn = self.load()
         bits = dict(variants) if variants else None
-        if self.thresholds:
-            fn(*inputs, out=out, params=params or None, variants=bits)
-        elif params:
-            raise FigureCallError(f"figure {self.name!r} draws no thresholds and takes no params")
-        else:
-            fn(*inputs, out=out, variants=bits)
+        # one drawing per file (matplotlib picks the format by the suffix): seconds each,
+        # and every plotting function keeps its one-path signature
+        for path in outs:
+            if self.thresholds:
+                fn(*inputs, out=path, params=params or None, variants=bits)
+            else:
+                fn(*inputs, out=path, variants=bits)
 
 
 FIGURE_REGISTRY: dict[str, Figure] = {}

@@ -86,6 +86,9 @@ KIND_RAMP = {
     "other": ("Greys", 1),
 }
 NO_BITS = "no weight bits"
+# The smallest damage (1 - r) the log-scaled damage axes show: below it float32
+# activations agree to rounding; smaller damage is drawn at the floor, r = 1 counted apart.
+DAMAGE_FLOOR = 1e-6
 
 sns.set_theme(style="whitegrid", context="paper")
 
@@ -235,8 +238,107 @@ def _declutter(fig: Figure, texts: list[Annotation], step: float = 3.0, moves: i
         placed.append(box(text))
 
 
+def _place_labels(
+    ax: Axes, texts: list[Text], x: np.ndarray, y: np.ndarray, levels: int = 4
+) -> None:
+    """Move point labels off the points (x, y) and off each other, each joined to its
+    point by a thin leader line. Labels start staggered over ``levels`` heights above
+    their points (left to right), adjustText spreads them, and any pair it leaves
+    overlapping is resolved by lifting the upper one: labels never overlap."""
+    from adjustText import adjust_text
+
+    anchors = [t.get_position() for t in texts]
+    lo, hi = ax.get_ylim()
+    for k, i in enumerate(sorted(range(len(texts)), key=lambda i: anchors[i][0])):
+        tx, ty = anchors[i]
+        texts[i].set_position((tx, ty + (k % levels + 1) * 0.06 * (hi - lo)))
+    # iterations, not seconds: the same figure on every machine
+    adjust_text(texts, x=x, y=y, ax=ax, expand=(1.2, 1.6), iter_lim=1000, time_lim=None)
+    renderer = ax.figure.canvas.get_renderer()  # type: ignore[attr-defined]  (Agg canvas)
+    placed: list[Any] = []
+    for text in sorted(texts, key=lambda t: t.get_position()[1]):
+        for _ in range(200):
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            px, py = ax.transData.transform(text.get_position())
+            x_new, y_new = ax.transData.inverted().transform((px, py + 3.0))
+            text.set_position((float(x_new), float(y_new)))
+        placed.append(text.get_window_extent(renderer).expanded(1.02, 1.05))
+    for text, anchor in zip(texts, anchors, strict=True):
+        ax.annotate(
+            "",
+            xy=anchor,
+            xytext=text.get_position(),
+            arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.5, "shrinkA": 0},
+            zorder=1,
+        )
+
+
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+# Lines of many variants on one axes: qualitative colors far apart (the kind ramps of
+# _palette give nine near-identical blues for nine RTN variants), one marker per kind.
+_QUALITATIVE = ("tab10", "Set1", "Dark2", "tab20")
+_MIN_COLOR_DISTANCE = 0.2  # Euclidean, in RGB [0, 1]^3
+KIND_MARKER = {
+    "RTN": "o",
+    "llm-compressor": "s",
+    "GGUF": "D",
+    "external": "P",
+    "pruning": "v",
+    "matched pruning": "^",
+    "null (FP rerun)": "X",
+    "noise null (FP, other dtype)": "X",
+    "other": "*",
+}
+
+
+def _distinct_colors(n: int) -> list[tuple[float, float, float]]:
+    """``n`` colors, each at least ``_MIN_COLOR_DISTANCE`` from the others while the
+    qualitative palettes last (about 20), then repeated; greys and pale colors, which
+    vanish on the white background, are left out."""
+    chosen: list[tuple[float, float, float]] = []
+    for name in _QUALITATIVE:
+        for color in sns.color_palette(name):
+            rgb = np.array(color)
+            grey = float(rgb.max() - rgb.min()) < 0.08
+            pale = float(rgb @ np.array([0.299, 0.587, 0.114])) > 0.75
+            if grey or pale:
+                continue
+            if all(np.linalg.norm(rgb - np.array(c)) >= _MIN_COLOR_DISTANCE for c in chosen):
+                chosen.append((float(rgb[0]), float(rgb[1]), float(rgb[2])))
+    return [chosen[i % len(chosen)] for i in range(n)]
+
+
+def _line_styles(
+    names: Sequence[str], variants: VariantBits | None = None
+) -> dict[str, tuple[tuple[float, float, float], str]]:
+    """A distinct color and its kind's marker per variant, in display order."""
+    order = _variant_order(names, variants)
+    return {
+        n: (c, KIND_MARKER[_kind(n)])
+        for n, c in zip(order, _distinct_colors(len(order)), strict=True)
+    }
+
+
+def _dodge(order: Sequence[str], width: float) -> dict[str, float]:
+    """Horizontal offsets spreading ``order`` over ``width`` (centered on 0), so lines and
+    markers that share a value stay side by side instead of on top of each other."""
+    if len(order) < 2:
+        return dict.fromkeys(order, 0.0)
+    return {n: width * (i / (len(order) - 1) - 0.5) for i, n in enumerate(order)}
+
+
+def _always_survived_note(names: Sequence[str], what: str) -> str:
+    """The legend-side note naming the variants left out because nothing changes."""
+    if not names:
+        return ""
+    return textwrap.fill(
+        f"100 % {what}, not drawn: " + ", ".join(names), 40, break_on_hyphens=False
+    )
 
 
 # ---------------------------------------------------------------- figures
@@ -496,12 +598,23 @@ def perplexity_vs_damage(
         zorder=3,
         ax=ax,
     )
-    if np.abs(long["dppl"].to_numpy()).max() > 10:
-        ax.set_xscale("symlog", linthresh=1.0)
+    dppl = np.abs(long["dppl"].to_numpy())
+    # symmetric-log x, linear only below the smallest change drawn: the mild variants'
+    # changes of 0.01 % would otherwise sit on top of each other at the origin
+    nonzero = dppl[dppl > 0]
+    linthresh = 10.0 ** math.floor(math.log10(nonzero.min())) if nonzero.size else 1.0
+    linthresh = min(1.0, max(1e-3, linthresh))
+    if dppl.max() > 10 * linthresh:
+        ax.set_xscale("symlog", linthresh=linthresh)
+        signed = long["dppl"].to_numpy()
+        lo, hi = float(signed.min()), float(signed.max())
+        # a margin of about a quarter decade beyond the extreme points on either side
+        ax.set_xlim(min(-linthresh, lo * 1.8), max(linthresh, hi * 1.8))
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_ylim(bottom=min(-2.0, float(long["damaged"].to_numpy().min()) - 2))
-    # one label per variant at its chunked point; variants whose points would
-    # overlap on screen (within ~20 px) share one multi-line label
+    ax.set_ylim(top=max(ax.get_ylim()[1], 10.0))  # room above the points for their labels
+    # one label per variant at its chunked point (points that coincide on screen, within
+    # 4 px, share one), placed by adjustText off the points and off each other
     labelled = long.sort("evaluation").unique("variant", keep="first", maintain_order=True)
     fig.canvas.draw()  # fix the limits so data -> pixel positions are final
     clusters: list[tuple[np.ndarray, tuple[float, float], list[str]]] = []
@@ -510,28 +623,21 @@ def perplexity_vs_damage(
         xy = (r["dppl"], r["damaged"])
         px = ax.transData.transform(xy)
         for pos, _, names in clusters:
-            if np.hypot(*(pos - px)) < 20:
+            if np.hypot(*(pos - px)) < 4:
                 names.append(r["variant"])
                 break
         else:
             clusters.append((px, xy, [r["variant"]]))
-    texts = [
-        ax.annotate(
-            "\n".join(names),
-            xy,
-            xytext=(6, 4),
-            textcoords="offset points",
-            fontsize=7,
-            va="bottom",
-            arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.5, "shrinkA": 0},
-        )
-        for _, xy, names in clusters
-    ]
-    _declutter(fig, texts)
     ax.set_xlabel("perplexity change vs FP (%)")
     ax.set_ylabel("% of active features not surviving (blurred, destroyed, insufficient)")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="best")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()  # the final axes size, so the labels are placed in final pixels
+    texts = [
+        ax.text(xy[0], xy[1], "\n".join(names), fontsize=7, va="bottom")
+        for _, xy, names in clusters
+    ]
+    _place_labels(ax, texts, long["dppl"].to_numpy(), long["damaged"].to_numpy())
     _save(fig, out)
 
 
@@ -541,49 +647,80 @@ def correlation_histograms(
     params: Mapping[str, Any] | None = None,
     variants: VariantBits | None = None,
 ) -> None:
-    """Histogram of per-feature r over active features, one facet per variant, colored by
-    class; dashed lines at the class thresholds (``params``: the ``analysis`` slice)."""
+    """Histogram of per-feature damage 1 - r over active features on a log axis, one facet
+    per variant, stacked by class; dashed lines at the class thresholds on that scale
+    (1 - survived, 1 - destroyed; ``params``: the ``analysis`` slice). A log axis has no
+    0: features with r = 1 exactly are counted in the panel's text, not drawn, and damage
+    below ``DAMAGE_FLOOR`` is drawn in the first bin (the text says how many)."""
     t = thresholds(params)
     cols = ["variant", "r", "active", "class"]
     features = (
         pl.read_parquet(features_path, columns=cols)
         .filter(pl.col("active") & _finite("r") & pl.col("class").is_not_null())
-        .with_columns(pl.col("variant").cast(pl.String), pl.col("r").clip(-1.0, 1.0))
+        .with_columns(
+            pl.col("variant").cast(pl.String),
+            (1.0 - pl.col("r").clip(-1.0, 1.0)).alias("damage"),
+        )
     )
-    title = "Per-feature correlation r between FP and compressed activations"
+    title = "Per-feature damage 1 - r between FP and compressed activations"
     if features.height == 0:
         _message_figure(out, title, "no active feature with a correlation")
         return
     order = _variant_order(features["variant"], variants)
-    bins = np.linspace(-1.0, 1.0, 81)
-    fig, axes = _grid(len(order), max_cols=4, w=3.3, h=2.7)
+    # one x range for every panel, so panels compare by position; damage is at most 2 (r = -1)
+    bins = np.geomspace(DAMAGE_FLOOR, 2.0, 57)
+    cuts = damage_cuts(params)
+    fig, axes = _grid(len(order), max_cols=4, w=3.3, h=2.8)
     for ax, variant in zip(axes, order, strict=True):
         part = features.filter(pl.col("variant") == variant)
-        r = part["r"].to_numpy()
-        stacked = [part.filter(pl.col("class") == c)["r"].to_numpy() for c in CLASSES]
-        ax.hist(
+        exact = part.filter(pl.col("damage") <= 0.0)
+        drawn = part.filter(pl.col("damage") > 0.0)
+        below = int((drawn["damage"] < DAMAGE_FLOOR).sum())
+        stacked = [
+            drawn.filter(pl.col("class") == c)["damage"].clip(DAMAGE_FLOOR, 2.0).to_numpy()
+            for c in CLASSES
+        ]
+        counts, _, _ = ax.hist(
             stacked,
             bins=bins,
             stacked=True,
             color=[PALETTE[c] for c in CLASSES],
             label=list(CLASSES),
         )
-        for cut in (t.destroyed, t.survived):
+        for cut in cuts:
             ax.axvline(cut, color="black", ls="--", lw=0.8)
-        ax.set_xlim(-1, 1)
+        ax.set_xscale("log")
+        ax.set_xlim(bins[0], bins[-1])
+        # headroom above the tallest bar for the panel's text
+        ax.set_ylim(0, max(1.0, 1.5 * float(np.max(counts))))
+        if drawn.height == 0:
+            ax.text(0.5, 0.4, "nothing to draw:\nno feature with r < 1", ha="center",
+                    transform=ax.transAxes, fontsize=8, color="#555555")  # fmt: skip
         ax.set_title(variant, fontsize=9)
-        ax.text(
-            0.03,
-            0.95,
-            f"n={r.size}\nmedian r={np.median(r):.2f}",
-            transform=ax.transAxes,
-            va="top",
-            fontsize=7,
-        )
-        ax.set_xlabel("r")
+        lines = [
+            f"n={part.height}",
+            f"median 1-r={_fmt(float(np.median(part['damage'].to_numpy())), '.1e')}",
+        ]
+        if exact.height:
+            lines.append(f"r = 1 exactly: {exact.height} (not drawn)")
+        if below:
+            lines.append(f"1-r < {DAMAGE_FLOOR:g}: {below} (first bin)")
+        ax.text(0.03, 0.95, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=7)
+        ax.set_xlabel("damage 1 - r (log)")
         ax.set_ylabel("active features")
-    axes[0].legend(fontsize=7, loc="center left")
-    fig.suptitle(title + f" (dashed: r = {t.destroyed:g}, {t.survived:g})", fontsize=10)
+    fig.legend(
+        *axes[0].get_legend_handles_labels(),
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 0.95),
+        title="class",
+    )
+    fig.suptitle(
+        title
+        + f" (dashed: damage {cuts[0]:.3g} / {cuts[1]:.3g}, i.e. r = {t.survived:g} / "
+        + f"{t.destroyed:g}; axis from {DAMAGE_FLOOR:g})",
+        fontsize=10,
+    )
     _save(fig, out)
 
 
@@ -655,32 +792,43 @@ def _quantile_lines(
     out: str | Path,
     variants: VariantBits | None = None,
 ) -> None:
+    """One facet per predictor, one line per variant: a distinct color and its kind's
+    marker, each variant shifted a little sideways so equal values stay visible; variants
+    with every feature surviving in every bin are named in the legend, not drawn."""
     table = _without_null(table.with_columns(pl.col("variant").cast(pl.String)))
     order = _variant_order(table["variant"], variants)
-    colors = _palette(order, variants)
+    damaged = set(table.filter(pl.col("survived_frac") < 1.0)["variant"])
+    drawn = [v for v in order if v in damaged]
+    styles = _line_styles(order, variants)  # by every variant: one color each in all figures
+    offsets = _dodge(drawn, 0.4)
     fig, axes = _grid(len(predictors), max_cols=4, w=3.4, h=3.4)
-    for i, (ax, predictor) in enumerate(zip(axes, predictors, strict=True)):
-        part = table.filter(pl.col("predictor") == predictor).with_columns(
-            (pl.col("survived_frac") * 100).alias("survived_pct")
-        )
-        sns.lineplot(
-            data=part.to_pandas(),
-            x="bin",
-            y="survived_pct",
-            hue="variant",
-            hue_order=order,
-            palette=colors,
-            marker="o",
-            ax=ax,
-            legend=i == len(predictors) - 1,
-        )
+    for ax, predictor in zip(axes, predictors, strict=True):
+        part = table.filter(pl.col("predictor") == predictor).sort("bin")
+        for v in drawn:
+            rows = part.filter(pl.col("variant") == v)
+            color, marker = styles[v]
+            ax.plot(
+                rows["bin"].to_numpy() + offsets[v],
+                rows["survived_frac"].to_numpy() * 100,
+                color=color,
+                marker=marker,
+                ms=4,
+                lw=1.2,
+                label=v,
+            )
         ax.set_xticks(range(1, q + 1))
         ax.set_ylim(-3, 103)
         ax.set_xlabel(xlabel(predictor, part))
         ax.set_ylabel("% of active features surviving")
         ax.set_title(predictor, fontsize=9)
-    if axes and axes[-1].get_legend() is not None:
-        sns.move_legend(axes[-1], "center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
+    handles = [
+        Line2D([], [], color=styles[v][0], marker=styles[v][1], ms=4, label=v) for v in drawn
+    ]
+    note = _always_survived_note([v for v in order if v not in damaged], "survived in every bin")
+    if note:
+        handles.append(Line2D([], [], ls="", label=note))
+    if handles and axes:
+        axes[-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(title, fontsize=10)
     _save(fig, out)
 
@@ -708,10 +856,32 @@ def survival_by_quartile(
     )
 
 
+def _rarity_trend(table: pl.DataFrame, drawn: Sequence[str]) -> str:
+    """What this run's deciles say, from the table: per drawn variant, does the rarest
+    decile survive less or more than the most frequent one?"""
+    first, last = table["bin"].min(), table["bin"].max()
+    less = more = 0
+    for v in drawn:
+        rows = table.filter(pl.col("variant") == v)
+        frequent = rows.filter(pl.col("bin") == first)["survived_frac"]
+        rare = rows.filter(pl.col("bin") == last)["survived_frac"]
+        if frequent.len() and rare.len():
+            less += int(rare[0] < frequent[0])
+            more += int(rare[0] > frequent[0])
+    if not drawn:
+        return "This run: every feature survived every variant"
+    return (
+        f"This run: the rarest decile survives less than the most frequent one under {less} "
+        f"of {len(drawn)} variants with damage, more under {more}"
+    )
+
+
 def survival_by_firing_rate_decile(
     quantile_path: str | Path, out: str | Path, variants: VariantBits | None = None
 ) -> None:
-    """Survival fraction per decile of FP firing rate (deciles of rarity = -log rate)."""
+    """Survival fraction per decile of FP firing rate (deciles of rarity = -log rate), one
+    line per damaged variant (distinct colors, kind markers, shifted sideways); the title
+    says from the table whether the rarest features survive less or more in this run."""
     table = pl.read_parquet(quantile_path).filter(
         (pl.col("q") == 10) & (pl.col("predictor") == "rarity")
     )
@@ -721,17 +891,23 @@ def survival_by_firing_rate_decile(
         _message_figure(out, title, "no decile table for the 'rarity' predictor")
         return
     order = _variant_order(table["variant"], variants)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    sns.lineplot(
-        data=table.with_columns((pl.col("survived_frac") * 100).alias("survived_pct")).to_pandas(),
-        x="bin",
-        y="survived_pct",
-        hue="variant",
-        hue_order=order,
-        palette=_palette(order, variants),
-        marker="o",
-        ax=ax,
-    )
+    damaged = set(table.filter(pl.col("survived_frac") < 1.0)["variant"])
+    drawn = [v for v in order if v in damaged]
+    styles = _line_styles(order, variants)  # by every variant: one color each in all figures
+    offsets = _dodge(drawn, 0.5)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for v in drawn:
+        rows = table.filter(pl.col("variant") == v).sort("bin")
+        color, marker = styles[v]
+        ax.plot(
+            rows["bin"].to_numpy() + offsets[v],
+            rows["survived_frac"].to_numpy() * 100,
+            color=color,
+            marker=marker,
+            ms=4,
+            lw=1.2,
+            label=v,
+        )
     # the bins are FP-only, so one variant's edges label them all; rarity = -log(rate)
     edges = table.filter(pl.col("variant") == order[0]).sort("bin")
     ticks, labels = [], []
@@ -743,8 +919,12 @@ def survival_by_firing_rate_decile(
     ax.set_ylim(-3, 103)
     ax.set_xlabel("FP firing-rate decile (1 = most frequent … 10 = rarest; firing-rate range)")
     ax.set_ylabel("% of active features surviving")
-    ax.set_title(title)
-    sns.move_legend(ax, "center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
+    ax.set_title(f"{title}\n{_rarity_trend(table, drawn)}", fontsize=9)
+    handles = ax.get_legend_handles_labels()[0]
+    note = _always_survived_note([v for v in order if v not in damaged], "survived in every decile")
+    if note:
+        handles.append(Line2D([], [], ls="", label=note))
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     _save(fig, out)
 
 
@@ -756,7 +936,7 @@ def coefficients(
         pl.read_parquet(coef_path).with_columns(pl.col("variant").cast(pl.String))
     )
     order = _variant_order(table["variant"], variants)
-    colors = _palette(order, variants)
+    colors = {v: color for v, (color, _) in _line_styles(order, variants).items()}
     predictors = list(dict.fromkeys(table["predictor"].to_list()))
     # wider with many variants: each predictor holds one bar per variant
     width = 12 + 0.3 * max(0, len(order) - 6)
@@ -784,6 +964,14 @@ def coefficients(
         ax.axhline(ref, color="black", lw=0.8)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("")
+        # what this run's table says, under each predictor: the direction is data, not a
+        # claim of the caption (rarity helps survival in one model and hurts in another)
+        labels = []
+        for predictor in predictors:
+            values = part.filter(pl.col("predictor") == predictor)[col]
+            up = int((values > ref).sum())
+            labels.append(f"{predictor}\nhigher survives more:\n{up} of {values.len()} variants")
+        ax.set_xticks(range(len(predictors)), labels, fontsize=8)
     if right.get_legend() is not None:
         sns.move_legend(right, "center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
     if right.has_data():
@@ -810,6 +998,23 @@ def _scatter_title(a: str, b: str, row: Mapping[str, Any]) -> str:
     return f"{a} vs {b}\n{spearman}\nJaccard(non-surv.) = {_fmt(jac, '.2f')}{baseline}"
 
 
+def _matched_to(a: str, b: str) -> bool:
+    """Is ``b`` the pruning matched to ``a``'s perplexity (prune-matched-<a>)?"""
+    v = _parse(b)
+    return v is not None and v.kind == "prune-matched" and v.target == a
+
+
+def scatter_pairs(overlap: pl.DataFrame) -> pl.DataFrame:
+    """The rows of the overlap table that the scatter draws: each variant against the
+    pruning matched to its perplexity (the comparison the matched search exists for; by
+    default the table also holds every other RTN x matched-pruning pair and the shipped
+    formats against RTN, which the equal_bits table covers); a table without such a pair
+    (``overlap.pairs`` configured to others) is drawn whole."""
+    pairs = zip(overlap["variant_a"].cast(pl.String), overlap["variant_b"], strict=True)
+    keep = [_matched_to(str(a), str(b)) or _matched_to(str(b), str(a)) for a, b in pairs]
+    return overlap.filter(pl.Series(keep, dtype=pl.Boolean)) if any(keep) else overlap
+
+
 def rtn_vs_pruning_scatter(
     features_path: str | Path,
     overlap_path: str | Path,
@@ -817,9 +1022,10 @@ def rtn_vs_pruning_scatter(
     params: Mapping[str, Any] | None = None,
     variants: VariantBits | None = None,
 ) -> None:
-    """Per-feature damage (1 - r) of the RTN variant (x) vs the other variant of each overlap
-    pair (y): its matched pruning variant, or the shipped format at its bits. One facet per
-    pair (RTN variants in display order), with counts in each class cell; the title gives
+    """Per-feature damage (1 - r) of the RTN variant (x) vs the other variant of a pair (y):
+    one facet per pair that ``scatter_pairs`` picks from the overlap table (each variant
+    against the pruning matched to it; all the table's pairs when it has none of those),
+    RTN variants in display order, with counts in each class cell; the title gives
     the damage Spearman (beside the null variant's, ``spearman_null``) and the Jaccard of
     the non-surviving sets beside its chance value and hypergeometric p-value; the cells
     are cut at the class thresholds (``params``: the ``analysis`` slice)."""
@@ -839,7 +1045,7 @@ def rtn_vs_pruning_scatter(
         .with_columns(pl.col("variant").cast(pl.String))
     )
     pairs = []
-    for r in overlap.iter_rows(named=True):
+    for r in scatter_pairs(overlap).iter_rows(named=True):
         a, b = str(r["variant_a"]), str(r["variant_b"])
         # RTN on x when one side is RTN; otherwise keep the table's order
         if _kind(b) == "RTN" and _kind(a) != "RTN":
@@ -868,19 +1074,35 @@ def rtn_vs_pruning_scatter(
             continue
         x, y = joined["x"].to_numpy(), joined["y"].to_numpy()
         alpha = 0.4 if x.size < 2000 else 0.12  # dense clouds stay readable
-        ax.scatter(x, y, s=5, alpha=alpha, color="#264653", edgecolor="none", rasterized=True)
-        top = max(1.0, float(np.nanmax([x.max(), y.max()])) * 1.05)
-        ax.plot([0, top], [0, top], color="grey", ls=":", lw=0.8)
+        # log axes from just below the smallest damage of the pair (never below the floor):
+        # mild compressions damage by 1e-5, which a linear or symlog axis flattens to 0
+        positive = np.concatenate([x[x > 0], y[y > 0]])
+        low = max(DAMAGE_FLOOR, float(positive.min()) / 2 if positive.size else DAMAGE_FLOOR)
+        top = max(1.0, float(np.nanmax([x.max(), y.max()])) * 1.2)
+        ax.scatter(
+            np.clip(x, low, None),
+            np.clip(y, low, None),
+            s=5,
+            alpha=alpha,
+            color="#264653",
+            edgecolor="none",
+            rasterized=True,
+        )
+        ax.plot([low, top], [low, top], color="grey", ls=":", lw=0.8)
         for cut in cuts:
             ax.axvline(cut, color="#e76f51", ls="--", lw=0.8)
             ax.axhline(cut, color="#e76f51", ls="--", lw=0.8)
-        ax.set_xscale("symlog", linthresh=0.01)
-        ax.set_yscale("symlog", linthresh=0.01)
-        ax.set_xlim(-0.002, top)
-        ax.set_ylim(-0.002, top)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(low, top)
+        ax.set_ylim(low, top)
         # feature counts in each (class under a, class under b) cell
         edges = [-np.inf, cuts[0], cuts[1], np.inf]
-        centers = [cuts[0] / 2, math.sqrt(cuts[0] * cuts[1]), (cuts[1] + top) / 2]
+        centers = [
+            math.sqrt(low * cuts[0]) if low < cuts[0] else cuts[0] / 2,
+            math.sqrt(cuts[0] * cuts[1]),
+            math.sqrt(cuts[1] * top),
+        ]
         counts, _, _ = np.histogram2d(x, y, bins=[edges, edges])
         for i, cx in enumerate(centers):
             for j, cy in enumerate(centers):
@@ -900,7 +1122,8 @@ def rtn_vs_pruning_scatter(
     t = thresholds(params)
     fig.suptitle(
         title
-        + f" (dashed: damage {cuts[0]:.3g} / {cuts[1]:.3g}, i.e. r = {t.survived:g} / {t.destroyed:g})",
+        + f" (dashed: damage {cuts[0]:.3g} / {cuts[1]:.3g}, i.e. r = {t.survived:g} / {t.destroyed:g};"
+        + "\nlog axes, damage below an axis's start drawn at its start)",
         fontsize=10,
     )
     _save(fig, out)
@@ -909,51 +1132,54 @@ def rtn_vs_pruning_scatter(
 def stability(
     stability_path: str | Path, out: str | Path, variants: VariantBits | None = None
 ) -> None:
-    """Survival share vs token-budget fraction per variant; random subsets as extra points."""
+    """Survival share vs token-budget fraction per variant (a distinct color and its kind's
+    marker each, shifted sideways so equal shares stay visible); random subsets as crosses
+    of the variant's color; variants at 100 % everywhere are named, not drawn."""
     table = pl.read_parquet(stability_path).with_columns(pl.col("variant").cast(pl.String))
     title = "Is the token set large enough? Survival vs token budget"
     table = table.filter(_finite("survived_pct"))
-    budgets = table.filter(pl.col("selection") == "budget")
-    subsets = table.filter(pl.col("selection") == "subset")
     if table.height == 0:
         _message_figure(out, title, "no stability rows (no token budgets or subsets)")
         return
     order = _variant_order(table["variant"], variants)
-    colors = _palette(order, variants)
+    damaged = set(table.filter(pl.col("survived_pct") < 100.0)["variant"])
+    drawn = [v for v in order if v in damaged]
+    styles = _line_styles(order, variants)  # by every variant: one color each in all figures
+    # offsets in octaves: the x axis is log2 when the budgets span 4x or more
+    shift = {v: 2.0**o for v, o in _dodge(drawn, 0.12).items()}
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    if budgets.height:
-        sns.lineplot(
-            data=budgets.sort("fraction").to_pandas(),
-            x="fraction",
-            y="survived_pct",
-            hue="variant",
-            hue_order=order,
-            palette=colors,
-            marker="o",
-            ax=ax,
+    for v in drawn:
+        color, marker = styles[v]
+        rows = table.filter(pl.col("variant") == v)
+        budgets = rows.filter(pl.col("selection") == "budget").sort("fraction")
+        ax.plot(
+            budgets["fraction"].to_numpy() * shift[v],
+            budgets["survived_pct"].to_numpy(),
+            color=color,
+            marker=marker,
+            ms=4,
+            lw=1.2,
+            label=v,
         )
-    if subsets.height:
-        # a small deterministic horizontal spread so the subsets don't hide each other
-        spread = subsets.with_columns(
-            (pl.col("fraction") * (1.0 + 0.03 * (pl.col("subset").fill_null(0) + 1))).alias("x")
+        subsets = rows.filter(pl.col("selection") == "subset")
+        # a small deterministic spread to the right so the subsets don't hide each other
+        spread = 1.0 + 0.03 * (subsets["subset"].fill_null(0).to_numpy() + 1)
+        ax.scatter(
+            subsets["fraction"].to_numpy() * shift[v] * spread,
+            subsets["survived_pct"].to_numpy(),
+            marker="x",
+            s=30,
+            color=color,
+            linewidth=1.0,
+            zorder=3,
         )
-        for r in spread.iter_rows(named=True):
-            ax.scatter(
-                r["x"],
-                r["survived_pct"],
-                marker="X",
-                s=45,
-                color=colors[r["variant"]],
-                edgecolor="white",
-                linewidth=0.5,
-                zorder=3,
-            )
     fractions = sorted(set(table["fraction"].to_list()))
     if fractions and fractions[0] > 0 and fractions[-1] / fractions[0] >= 4:
         ax.set_xscale("log", base=2)
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     # zoom on the data (small drifts are the point), but never below a 10-point span
-    values = table["survived_pct"].to_numpy()
+    values = table.filter(pl.col("variant").is_in(drawn))["survived_pct"].to_numpy()
+    values = values if values.size else np.array([100.0])
     lo, hi = float(values.min()), float(values.max())
     pad = max(2.0, 0.1 * (hi - lo), (10.0 - (hi - lo)) / 2)
     ax.set_ylim(max(-1.0, lo - pad), min(101.0, hi + pad))
@@ -962,9 +1188,12 @@ def stability(
     ax.set_title(title)
     handles = ax.get_legend_handles_labels()[0]
     handles += [
-        Line2D([], [], color="black", marker="o", label="budget (first fraction f)"),
-        Line2D([], [], color="black", marker="X", ls="", label="random subset (fraction f)"),
+        Line2D([], [], color="black", ls="-", label="budget (first fraction f)"),
+        Line2D([], [], color="black", marker="x", ls="", label="random subset (fraction f)"),
     ]
+    note = _always_survived_note([v for v in order if v not in damaged], "survived throughout")
+    if note:
+        handles.append(Line2D([], [], ls="", label=note))
     ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     _save(fig, out)
 
