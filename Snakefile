@@ -1,5 +1,11 @@
 # sae-audit: do SAE features survive compression of a language model?
 # Thin entry point: config, validation, rule includes, the final targets.
+from snakemake.utils import min_version
+
+# pyproject's snakemake floor: an older Snakemake stops here saying so, not on a
+# setting it lacks further down (workflow.deployment_settings, profiles).
+min_version("9.0")
+
 import os
 import sys
 
@@ -67,6 +73,7 @@ include: "workflow/rules/plots.smk"
 
 
 rule all:
+    "Every table, figure and report table of every configured model and SAE (the default target)."
     default_target: True
     input:
         all_targets(),

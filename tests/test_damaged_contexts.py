@@ -78,3 +78,18 @@ def test_most_damaged_passes_over_insufficient_features():
     assert most_damaged(features, 2)["feature"].to_list() == [1, 2]
     # without classes (equal_bits' probe) every active feature is a candidate
     assert most_damaged(features.drop("class"), 2)["feature"].to_list() == [0, 1]
+
+
+def test_most_damaged_leaves_out_null_variants_and_survived_features():
+    features = pl.DataFrame(
+        {
+            "variant": ["fp-noise", "fp-noise", "rtn-int4", "rtn-int4", "rtn-int8"],
+            "feature": [0, 1, 0, 1, 0],
+            "active": [True] * 5,
+            "r": [0.2, 0.3, 0.4, 0.95, 0.99],
+            "class": ["destroyed", "destroyed", "destroyed", "survived", "survived"],
+        }
+    )
+    chosen = most_damaged(features, 5)
+    # the null run's damage is the floor, and rtn-int8 damaged nothing: no rows for either
+    assert chosen.select("variant", "feature").rows() == [("rtn-int4", 0)]

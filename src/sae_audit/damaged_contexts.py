@@ -12,8 +12,9 @@ import polars as pl
 
 from .config import FROM_SCHEMA, ConfigSection
 from .files import InputError, rerun_hint
+from .overlap import null_variants
 from .shards import Expected, pair_shards
-from .survival import INSUFFICIENT
+from .survival import CLASSES, INSUFFICIENT
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 
@@ -29,15 +30,18 @@ class ContextConfig(ConfigSection, section="damaged_contexts"):
 
 def most_damaged(features: pl.DataFrame, n: int) -> pl.DataFrame:
     """Per variant, the n active features with the lowest r (ties by feature id). With a
-    ``class`` column, features of class "insufficient" are passed over: their damage is
-    not established (their interval on r straddles a class threshold)."""
-    established = (
-        (pl.col("class") != INSUFFICIENT).fill_null(True)
+    ``class`` column, only damaged features count: "survived" ones are not damaged, and
+    "insufficient" ones are passed over (their interval on r straddles a class threshold,
+    so their damage is not established); a variant with no damaged feature has no rows.
+    The null variants (fp-null, fp-noise) are left out: their damage is the floor."""
+    damaged = (
+        (~pl.col("class").is_in([INSUFFICIENT, CLASSES[0]])).fill_null(True)
         if "class" in features.columns
         else pl.lit(True)
     )
+    nulls = null_variants([str(v) for v in features["variant"].unique(maintain_order=True)])
     return (
-        features.filter(pl.col("active") & established)
+        features.filter(pl.col("active") & damaged & ~pl.col("variant").is_in(nulls))
         .sort(["variant", "r", "feature"])
         .group_by("variant", maintain_order=True)
         .head(n)

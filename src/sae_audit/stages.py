@@ -214,7 +214,6 @@ def tokenize(
     documents = load_documents(dict(tokens), [str(p) for p in text or []])
     log.info("%d documents from tokens.source=%s", len(documents), tokens.get("source"))
     info = build_token_set(documents, load_tokenizer(tokenizer), cfg, list(out))
-    log.info("token set: %s", info)
     return info
 
 
@@ -241,7 +240,6 @@ def tokenize_calibration(
     except ValueError:
         Path(out).unlink()  # a calibration set that overlaps is not left for a rerun to use
         raise
-    log.info("calibration set: %s", info)
     return info
 
 
@@ -429,7 +427,6 @@ def encode(
         "config_hash": encode_hash(model_params, encode_params),
     }
     info = encode_shard_multi(net, targets, tokens, nll, meta, cfg, device)
-    log.info("encoded: %s", info)
     return info
 
 
@@ -535,7 +532,6 @@ def outliers(
     table = outlier_table(net, load_token_ids(tokens), section(OutliersConfig, outliers), device)
     write_parquet(table, out)
     summary = summarize(table)
-    log.info("outliers: %s", summary)
     return summary
 
 
@@ -590,7 +586,7 @@ def perplexity(
     sliding: Mapping[str, str] | None = None,
     expect: Mapping[str, Any] | None = None,
     out: str | Path,
-) -> dict[str, Any]:
+) -> pl.DataFrame:
     """Chunked (from encode NLL shards) and sliding-window perplexity per variant, with % change vs FP.
 
     Every NLL shard must say it is of the variant it is listed under (and of
@@ -613,7 +609,7 @@ def perplexity(
             )
     table = perplexity_table(chunked, windows)
     write_parquet(table, out)
-    return {"variants": table.height}
+    return table
 
 
 @stage
@@ -770,6 +766,27 @@ def damaged_contexts(
     )
     write_parquet(table, out)
     write_csv(table, Path(out).with_suffix(".csv"))
+    return table
+
+
+@stage
+def feature_table(
+    *,
+    features: str | Path,
+    contexts: str | Path,
+    sae_spec: Mapping[str, Any] | None = None,
+    title: str = "features",
+    out: str | Path,
+) -> pl.DataFrame:
+    """The report's interactive per-feature table (HTML, itables) of one basis: every
+    active feature's FP statistics, r and class per variant, top context where most
+    damaged, and a Neuronpedia link where the SAE (`sae_spec`: its config entry) has one."""
+    from .feature_table import feature_table as build
+    from .feature_table import neuronpedia_id, render_html
+
+    spec = sae_spec or {}
+    table = build(read_parquet(features), read_parquet(contexts), neuronpedia_id(spec))
+    render_html(table, out, title)
     return table
 
 

@@ -5,6 +5,7 @@
 
 
 rule fp_stats:
+    "Per-feature FP statistics of one basis (firing rate, mean, peak, concentration) from the FP code shards."
     input:
         lambda w: code_dirs(w.model, "fp"),
     output:
@@ -24,6 +25,7 @@ rule fp_stats:
 
 
 rule correlate:
+    "Per-feature Pearson r between FP and one variant's SAE codes, with its interval (analysis.confidence)."
     input:
         fp=lambda w: code_dirs(w.model, "fp"),
         variant=lambda w: code_dirs(w.model, w.variant),
@@ -48,6 +50,7 @@ rule correlate:
 
 
 rule perplexity:
+    "Perplexity of every variant of a model: chunked from the encode NLL shards, plus sliding windows if on."
     input:
         nll=lambda w: [p for v in ALL_VARIANTS for p in nll_shards(w.model, v)],
         sliding=lambda w: list(sliding_files(w.model).values()),
@@ -70,6 +73,7 @@ rule perplexity:
 
 
 rule survival:
+    "Class of every active feature per variant (survived, blurred, destroyed) and the survival summary."
     input:
         fp_stats=f"{R}/features/{{model}}/{{sae}}/fp_stats.parquet",
         correlation=lambda w: [
@@ -103,6 +107,7 @@ rule survival:
 
 
 rule seed_turnover:
+    "Best decoder cosine of each feature to the twin SAE: which features are stable across SAE seeds."
     input:
         sae=lambda w: sae_dirs(w.model)[w.sae],
         twin=lambda w: twin_sae_dir(w.model, w.sae),
@@ -123,6 +128,7 @@ rule seed_turnover:
 
 
 rule predict:
+    "Cross-validated logistic regression of survival on FP feature statistics, and survival by quantile."
     input:
         f"{R}/tables/{{model}}/{{sae}}/features.parquet",
     output:
@@ -145,6 +151,7 @@ rule predict:
 
 
 rule overlap:
+    "Whether variant pairs damage the same features: overlap against chance and damage rank correlation."
     input:
         f"{R}/tables/{{model}}/{{sae}}/features.parquet",
     output:
@@ -163,6 +170,7 @@ rule overlap:
 
 
 rule stability:
+    "How stable each feature's r is over token budgets and random half-size sequence subsets."
     input:
         fp=lambda w: code_dirs(w.model, "fp"),
         codes=lambda w: [d for v in VARIANTS for d in code_dirs(w.model, v)],
@@ -192,6 +200,7 @@ rule stability:
 
 
 rule threshold_grid:
+    "Class shares over a grid of survived / destroyed thresholds (how much the thresholds matter)."
     input:
         f"{R}/tables/{{model}}/{{sae}}/features.parquet",
     output:
@@ -211,6 +220,7 @@ rule threshold_grid:
 
 
 rule damaged_contexts:
+    "Top FP contexts of the most damaged active features of each variant."
     input:
         features=f"{R}/tables/{{model}}/{{sae}}/features.parquet",
         fp=lambda w: code_dirs(w.model, "fp"),
@@ -244,6 +254,7 @@ rule damaged_contexts:
 # Per (RTN, shipped) pair at the same weight bits (config.equal_bits_pairs): the features
 # the shipped format saves that RTN destroys and back, with their top FP contexts.
 rule equal_bits:
+    "Features a shipped format saves or loses against RTN at the same weight bits, with their contexts."
     input:
         features=f"{R}/tables/{{model}}/{{sae}}/features.parquet",
         fp=lambda w: code_dirs(w.model, "fp"),
@@ -280,6 +291,7 @@ rule equal_bits:
 
 
 rule reference_comparison:
+    "This run's numbers beside the published ones (models.<name>.reference CSV)."
     input:
         reference=lambda w: reference_path(w.model),
         survival=f"{R}/tables/{{model}}/{{sae}}/survival.parquet",

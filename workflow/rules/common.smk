@@ -253,14 +253,19 @@ def matched_input(wildcards):
 
 
 def figure_targets(model, sae):
-    """Every figure of one basis and the report's tables (HTML to view, CSV to download)."""
-    figures = [f"{R}/figures/{model}/{sae}/{name}.png" for name in FIGURES]
+    """Every figure of one basis, in every requested format (report.figure_formats), and
+    the report's tables (HTML to view, CSV to download)."""
+    figures = [
+        f"{R}/figures/{model}/{sae}/{name}.{ext}"
+        for name in FIGURES
+        for ext in FIGURE_FORMATS
+    ]
     tables = [
         f"{R}/report/{model}/{sae}/{t}.{ext}"
         for t in report_tables(model)
         for ext in ("html", "csv")
     ]
-    return figures + tables
+    return figures + tables + [f"{R}/report/{model}/{sae}/features.html"]
 
 
 def report_tables(model):
@@ -272,9 +277,11 @@ def report_tables(model):
 # The figure registry (sae_audit.figures): per figure its input tables, caption and
 # report category; one rule plot_NAME each in plots.smk, drawn by sae_audit.plots.NAME
 # and captioned by workflow/report/NAME.rst (tests/test_plots.py checks they agree).
-from sae_audit.figures import FIGURE_REGISTRY
+from sae_audit.figures import FIGURE_REGISTRY, figure_formats
 
 FIGURES = list(FIGURE_REGISTRY)
+# The formats every figure is written in: PNG (the report's) first, then those requested.
+FIGURE_FORMATS = figure_formats(config["report"]["figure_formats"])
 # Result tables (tables/{model}/NAME.parquet) the report shows (rule report_tables).
 REPORT_TABLES = [
     "survival",
@@ -301,9 +308,15 @@ def sliding_files(model):
     return {v: f"{R}/perplexity/{model}/{v}/sliding.json" for v in ALL_VARIANTS}
 
 
+# The workflow's repository root, from this file: run as a module, workflow.basedir is
+# the deploying workflow's directory, not this one's.
+WORKFLOW_ROOT = Path(str(workflow.current_basedir)).parents[1]
+
+
 def reference_path(model):
-    """Published results CSV; a relative path may also be relative to the workflow (config/reference/)."""
+    """Published results CSV: a relative path is the user's, from the working directory,
+    else one shipped with the workflow (config/reference/), from its repository root."""
     path = Path(model_cfg(model)["reference"])
     if not path.is_absolute() and not path.exists():
-        path = Path(workflow.basedir) / path
+        path = WORKFLOW_ROOT / path
     return str(path)

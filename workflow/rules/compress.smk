@@ -2,6 +2,7 @@
 
 
 rule compress:
+    "Materializes one compressed checkpoint of a model: RTN, pruning, llm-compressor, GGUF or external."
     input:
         model=base_model_input,
         matched=matched_input,
@@ -40,6 +41,7 @@ rule compress:
 
 
 rule match_sparsity:
+    "Searches the pruning sparsity whose perplexity matches a target variant's (prune-matched-<target>)."
     input:
         model=base_model_input,
         tokens=token_dir,

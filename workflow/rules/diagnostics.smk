@@ -3,6 +3,7 @@
 
 
 rule outliers:
+    "Outlier diagnostics of the FP model: weight kurtosis, channel absmax ratios, residual and attention outliers."
     input:
         model=base_model_input,
         tokens=token_dir,

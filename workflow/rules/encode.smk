@@ -3,6 +3,7 @@
 
 
 rule encode:
+    "One variant's forward pass over one token shard: SAE codes of every SAE (sparse) and per-token NLL."
     input:
         checkpoint=f"{R}/checkpoints/{{model}}/{{variant}}",
         tokens=token_dir,
@@ -36,6 +37,7 @@ rule encode:
 
 
 rule sliding_perplexity:
+    "Strided sliding-window perplexity of one variant (perplexity.window / stride)."
     input:
         checkpoint=f"{R}/checkpoints/{{model}}/{{variant}}",
         tokens=token_dir,

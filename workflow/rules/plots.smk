@@ -7,12 +7,15 @@
 # workflow/report/NAME.rst. Figures that draw the class thresholds get the `analysis`
 # config slice (so changed thresholds re-draw them); the others get "{}". Every figure
 # gets the weight bits per variant (config.variant_bits): the order and grouping of the
-# variants it draws, shipped formats beside RTN at the same bits.
+# variants it draws, shipped formats beside RTN at the same bits. The job writes the
+# figure in every format of report.figure_formats (FIGURE_FORMATS, common.smk); the
+# report shows the PNG.
 # (A single rule with a {figure} wildcard cannot caption each figure: report()
 # takes one fixed caption file per rule.) Seconds-long jobs: local, not queued.
 for fig in FIGURE_REGISTRY.values():
 
     rule:
+        f"Figure {fig.name} of one basis ({fig.category}), drawn by sae_audit.plots.{fig.function}."
         name:
             f"plot_{fig.name}"
         input:
@@ -24,6 +27,10 @@ for fig in FIGURE_REGISTRY.values():
                 category=fig.category,
                 subcategory="{model} / {sae}",
             ),
+            *[
+                f"{R}/figures/{{model}}/{{sae}}/{fig.name}.{ext}"
+                for ext in FIGURE_FORMATS[1:]
+            ],
         log:
             f"{R}/logs/plots/{{model}}/{{sae}}/{fig.name}.log",
         benchmark:
@@ -44,6 +51,7 @@ for fig in FIGURE_REGISTRY.values():
 # (the report only renders images, PDF and HTML) and a CSV to download
 # (sae_audit.report_tables), rows in the figures' variant order with a bits column.
 rule report_tables:
+    "One result table of a basis as an HTML page for the report and a CSV download."
     input:
         lambda w: report_table_source(w.model, w.sae, w.table),
     output:
@@ -75,3 +83,34 @@ rule report_tables:
     shell:
         "sae-audit report-tables --input {input:q} --out {output.html:q} {output.csv:q} "
         "--variants {params.variants:q} > {log:q} 2>&1"
+
+
+# The interactive per-feature table of one basis (sae_audit.feature_table): itables with
+# its JavaScript embedded, so the report shows it offline.
+rule feature_table:
+    "Interactive per-feature table of one basis: FP statistics, r and class per variant, contexts."
+    input:
+        features=f"{R}/tables/{{model}}/{{sae}}/features.parquet",
+        contexts=f"{R}/tables/{{model}}/{{sae}}/damaged_contexts.parquet",
+    output:
+        report(
+            f"{R}/report/{{model}}/{{sae}}/features.html",
+            caption="../report/feature_table.rst",
+            category="8. Features (interactive table)",
+            subcategory="{model} / {sae}",
+        ),
+    log:
+        f"{R}/logs/plots/{{model}}/{{sae}}/feature_table.log",
+    benchmark:
+        f"{R}/benchmarks/plots/{{model}}/{{sae}}/feature_table.tsv"
+    localrule: True
+    # the torch env: the Neuronpedia link comes from sae-lens' registry (sae-lens needs torch)
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    params:
+        sae_spec=lambda w: dumps(model_cfg(w.model)["saes"][w.sae]),
+        title=lambda w: f"features of {w.model} / {w.sae}",
+    shell:
+        "sae-audit feature-table --features {input.features:q} --contexts {input.contexts:q} "
+        "--sae-spec {params.sae_spec:q} --title {params.title:q} --out {output:q} > {log:q} 2>&1"
