@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 
 from sae_audit.damaged_contexts import (
     ContextConfig,
@@ -57,12 +58,44 @@ def test_damaged_contexts_picks_most_damaged_and_reads_variant_values(tmp_path):
         2,
         2,
     ]  # lowest r among active features; inactive 1 skipped
-    assert table["token"].to_list() == [17, 33]
-    assert table["fp_value"].to_list() == [3.0, 2.0]
-    assert table["variant_value"].to_list() == [0.5, 2.0]
+    fp_rows = table.filter(pl.col("where_fires") == "fp")
+    assert fp_rows["position"].to_list() == [17, 33]
+    assert fp_rows["token_id"].to_list() == [17 % 26, 33 % 26]
+    assert fp_rows["fp_value"].to_list() == [3.0, 2.0]
+    assert fp_rows["variant_value"].to_list() == [0.5, 2.0]
     assert (
-        table["context"][0] == "opq⟦r⟧st"
+        fp_rows["context"][0] == "opq⟦r⟧st"
     )  # 3 tokens of left context, right side cut at the sequence end
+    assert table.filter(pl.col("where_fires") == "variant_only").is_empty()
+
+
+def test_damaged_contexts_adds_contexts_where_only_the_variant_fires(tmp_path):
+    n_tokens, d = 60, 3
+    x = np.zeros((n_tokens, d), dtype=np.float32)
+    x[[5, 17], 1] = [1.0, 3.0]
+    y = x.copy()
+    y[[40, 8, 50], 1] = [0.7, 2.5, 0.1]  # fires where FP does not: 8 first, then 40, 50
+    y[17, 1] = 9.0  # fires where FP also does: not a variant-only context
+    fp = write_dense(tmp_path, "fp", x, n_shards=2)
+    var = write_dense(tmp_path, "v", y, n_shards=2)
+    features = pl.DataFrame(
+        {"variant": ["v"] * d, "feature": [0, 1, 2], "active": [False, True, False],
+         "r": [1.0, 0.1, 1.0], "class": ["survived", "destroyed", "survived"]}
+    )  # fmt: skip
+    table = damaged_contexts(
+        features,
+        fp,
+        {"v": var},
+        (np.arange(n_tokens) % 26).reshape(3, 20),
+        _CharTokenizer(),
+        ContextConfig(n_features=1, n_contexts=2, window=3),
+    )
+    only = table.filter(pl.col("where_fires") == "variant_only")
+    assert only["position"].to_list() == [8, 40]
+    assert only["variant_value"].to_list() == pytest.approx([2.5, 0.7])
+    assert only["fp_value"].to_list() == [0.0, 0.0]
+    assert only["context_rank"].to_list() == [1, 2]
+    assert table.null_count().sum_horizontal().item() == 0
 
 
 def test_most_damaged_passes_over_insufficient_features():

@@ -27,8 +27,9 @@ def _features() -> pl.DataFrame:
 
 def _contexts() -> pl.DataFrame:
     return pl.DataFrame(
-        {"variant": ["rtn-int4"], "feature": [1], "damage_rank": [1], "r": [0.3],
-         "context_rank": [1], "context": ["a ⟦b⟧ c"], "fp_value": [2.0], "variant_value": [0.0]}
+        {"variant": ["rtn-int4"] * 2, "feature": [1, 1], "damage_rank": [1, 1], "r": [0.3, 0.3],
+         "where_fires": ["fp", "variant_only"], "context_rank": [1, 1],
+         "context": ["a ⟦b⟧ c", "x ⟦y⟧ z"], "fp_value": [2.0, 0.0], "variant_value": [0.0, 1.0]}
     )  # fmt: skip
 
 

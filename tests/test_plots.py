@@ -277,7 +277,7 @@ def _equal_bits() -> pl.DataFrame:
          "n_destroyed_shipped": 3, "n_saved": 3, "n_lost": 1, "jaccard_destroyed": 0.4},
         {**pair, "direction": "saved_by_shipped", "rank": 1, "feature": 3, "firing_rate": 0.01,
          "r_rtn": 0.1, "r_shipped": 0.95, "class_rtn": "destroyed", "class_shipped": "survived",
-         "context_rank": 1, "token": 10, "context": "the ⟦cat⟧ sat", "fp_value": 2.0,
+         "context_rank": 1, "position": 10, "context": "the ⟦cat⟧ sat", "fp_value": 2.0,
          "rtn_value": 0.0, "shipped_value": 1.9},
     ]  # fmt: skip
     return pl.DataFrame(rows, schema=SCHEMA)
@@ -317,7 +317,7 @@ def _damaged_contexts() -> pl.DataFrame:
             "damage_rank": [1, 1, 2, 2],
             "r": [0.1, 0.1, 0.3, 0.3],
             "context_rank": [1, 2, 1, 2],
-            "token": [10, 200, 31, 45],
+            "position": [10, 200, 31, 45],
             "context": ["the ⟦cat⟧ sat", "a <b>&amp; ⟦dog⟧", "on ⟦the⟧ mat", "x ⟦y⟧ z"],
             "fp_value": [2.0, 1.5, 3.0, 0.5],
             "variant_value": [0.0, 0.2, 1.0, 0.0],

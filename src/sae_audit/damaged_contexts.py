@@ -1,4 +1,11 @@
-"""What was lost: the top-activating FP contexts of the most damaged features."""
+"""What was lost: the top-activating FP contexts of the most damaged features, and what
+appeared: the contexts where only the compressed model fires them.
+
+Each row is one context of one feature under one variant: ``where_fires`` is "fp" for the
+feature's top FP contexts (with the variant's activation there) and "variant_only" for
+the variant's top contexts at positions where FP does not fire it (``fp_value`` 0).
+``position`` is the context's index in the evaluation token set (sequence * seq_len +
+offset), ``token_id`` the token there."""
 
 from __future__ import annotations
 
@@ -80,11 +87,7 @@ def damaged_contexts(
         pair_shards(fp_paths, paths, name if check_variants else None, expect)
     chosen = most_damaged(features, cfg.n_features)
     if chosen.is_empty():
-        return pl.DataFrame(
-            schema={"variant": pl.String, "feature": pl.Int32, "damage_rank": pl.Int64, "r": pl.Float64,
-                    "context_rank": pl.Int64, "token": pl.Int64, "context": pl.String,
-                    "fp_value": pl.Float32, "variant_value": pl.Float32}
-        )  # fmt: skip
+        return pl.DataFrame(schema=OUTPUT_SCHEMA)
     seq_len = token_ids.shape[1]
     flat = token_ids.reshape(-1)
     wanted = chosen["feature"].unique().cast(pl.Int32)
@@ -112,28 +115,73 @@ def damaged_contexts(
         )
         _check_finite(there, "variant_value", variant_paths[name])
         picked = picked.join(there, on=["token", "feature"], how="left").with_columns(
-            pl.col("variant_value").fill_null(0.0)
+            pl.col("variant_value").fill_null(0.0), pl.lit("fp").alias("where_fires")
         )
         frames.append(picked)
-    out = pl.concat(frames, how="vertical_relaxed").with_columns(
+        frames.append(_variant_only(rows, fp_paths, variant_paths[name], cfg.n_contexts))
+    out = pl.concat(frames, how="diagonal_relaxed").with_columns(
         pl.col("token")
         .map_elements(
             lambda t: render_context(flat, int(t), seq_len, cfg.window, tokenizer),
             return_dtype=pl.String,
         )
-        .alias("context")
+        .alias("context"),
+        pl.col("token")
+        .map_elements(lambda t: int(flat[int(t)]), return_dtype=pl.Int64)
+        .alias("token_id"),
     )
-    return out.select(
-        "variant",
-        "feature",
-        "damage_rank",
-        "r",
-        "context_rank",
-        "token",
-        "context",
-        "fp_value",
-        "variant_value",
-    ).sort(["variant", "damage_rank", "context_rank"])
+    return (
+        out.rename({"token": "position"})
+        .select(list(OUTPUT_SCHEMA))
+        .cast(OUTPUT_SCHEMA)  # type: ignore[arg-type]
+        .sort(["variant", "damage_rank", "where_fires", "context_rank"])
+    )
+
+
+OUTPUT_SCHEMA = {
+    "variant": pl.String,
+    "feature": pl.Int32,
+    "damage_rank": pl.Int64,
+    "r": pl.Float64,
+    "where_fires": pl.String,
+    "context_rank": pl.Int64,
+    "position": pl.Int64,
+    "token_id": pl.Int64,
+    "context": pl.String,
+    "fp_value": pl.Float32,
+    "variant_value": pl.Float32,
+}
+
+
+def _variant_only(
+    rows: pl.DataFrame,
+    fp_paths: Sequence[str | Path],
+    paths: Sequence[str | Path],
+    n_contexts: int,
+) -> pl.DataFrame:
+    """The variant's top contexts of `rows`' features at positions where FP does not fire
+    them (what the compressed model made up), read for those features only."""
+    wanted = rows["feature"].unique().cast(pl.Int32).implode()
+    fp_fires = (
+        pl.scan_parquet([str(p) for p in fp_paths])
+        .filter(pl.col("feature").is_in(wanted))
+        .select("token", "feature")
+    )
+    only = (
+        pl.scan_parquet([str(p) for p in paths])
+        .filter(pl.col("feature").is_in(wanted) & (pl.col("value") != 0))
+        .join(fp_fires, on=["token", "feature"], how="anti")
+        .sort(["feature", "value", "token"], descending=[False, True, False])
+        .group_by("feature", maintain_order=True)
+        .head(n_contexts)
+        .with_columns(pl.int_range(1, pl.len() + 1).over("feature").alias("context_rank"))
+        .rename({"value": "variant_value"})
+        .collect()
+    )
+    _check_finite(only, "variant_value", paths)
+    return rows.join(only, on="feature", how="inner").with_columns(
+        pl.lit(0.0, dtype=pl.Float32).alias("fp_value"), pl.lit("variant_only").alias("where_fires")
+    )
 
 
 def _check_finite(rows: pl.DataFrame, column: str, paths: Sequence[str | Path]) -> None:

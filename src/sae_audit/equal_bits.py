@@ -61,7 +61,7 @@ SCHEMA: dict[str, Any] = {
     "class_rtn": pl.String,
     "class_shipped": pl.String,
     "context_rank": pl.Int64,
-    "token": pl.Int64,
+    "position": pl.Int64,
     "context": pl.String,
     "fp_value": pl.Float32,
     "rtn_value": pl.Float32,
@@ -244,8 +244,9 @@ def _contexts(
         check_variants=check_variants,
     )
     keys = ["feature", "context_rank"]
+    found = found.filter(pl.col("where_fires") == "fp")  # the FP contexts the pair is read on
     at_rtn = found.filter(pl.col("variant") == rtn).select(
-        *keys, "token", "context", "fp_value", pl.col("variant_value").alias("rtn_value")
+        *keys, "position", "context", "fp_value", pl.col("variant_value").alias("rtn_value")
     )
     at_shipped = found.filter(pl.col("variant") == shipped).select(
         *keys, pl.col("variant_value").alias("shipped_value")

@@ -74,7 +74,9 @@ def feature_table(
     )
     wide = wide.join(worst, on="feature", how="left")
     if contexts is not None and contexts.height:
-        top = contexts.filter(pl.col("context_rank") == 1).select(
+        top = contexts.filter(
+            (pl.col("context_rank") == 1) & (pl.col("where_fires") == "fp")
+        ).select(
             "feature",
             pl.col("variant").alias("most_damaged_variant"),
             pl.col("context").alias("top_fp_context"),
