@@ -48,7 +48,11 @@ def test_planted_correlations_land_in_classes(tmp_path: Path) -> None:
     y[:, 3] = 0.0  # silent in the variant
     fp = write_dense(tmp_path, "fp", x, n_shards=2, rows_per_write=4000)
     var = write_dense(tmp_path, "v", y, n_shards=2, rows_per_write=4000)
-    table = feature_table(fp_feature_stats(fp), correlate_variant(fp, var))
+    fp_stats = fp_feature_stats(fp)
+    table = feature_table(fp_stats, correlate_variant(fp, var))
+    # one name per fact: the FP count once, no internal sums
+    assert not {"sum", "sum_sq", "fp_fire_count"} & set(table.columns)
+    assert table["firing_count"].to_list() == fp_stats["firing_count"].to_list()
     assert table["active"].to_list() == [True, True, True, True, True, False]
     assert table["class"].to_list() == [
         "survived",

@@ -637,6 +637,7 @@ def survival(
         read_parquet(seed_turnover[0]) if seed_turnover else None,
     )
     write_parquet(features, features_out)
+    write_csv(features, Path(features_out).with_suffix(".csv"))
     write_parquet(summary, summary_out)
     write_csv(summary, Path(summary_out).with_suffix(".csv"))
     return summary

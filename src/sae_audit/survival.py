@@ -124,10 +124,13 @@ def feature_table(
             f"fp_stats has {fp_stats.height} features, correlation has {correlation.height}"
         )
     # n_tokens appears on both sides; keep the FP one. The bounds are recomputed.
+    # fp_fire_count is the FP firing_count again; sum and sum_sq are fp_stats' internal
+    # sums (mean_when_firing and the rate are the readable forms): one name per fact.
     corr = correlation.drop(
         [c for c in correlation.columns if c in fp_stats.columns and c != "feature"]
-        + [c for c in ("r_lo", "r_hi") if c in correlation.columns]
+        + [c for c in ("r_lo", "r_hi", "fp_fire_count") if c in correlation.columns]
     )
+    fp_stats = fp_stats.drop([c for c in ("sum", "sum_sq") if c in fp_stats.columns])
     table = fp_stats.join(corr, on="feature", how="inner", validate="1:1")
     if table.height != fp_stats.height:
         raise ValueError("fp_stats and correlation cover different feature ids")

@@ -84,6 +84,7 @@ rule survival:
         seed_turnover=lambda w: seed_turnover_input(w.model, w.sae),
     output:
         features=f"{R}/tables/{{model}}/{{sae}}/features.parquet",
+        features_csv=f"{R}/tables/{{model}}/{{sae}}/features.csv",
         summary=f"{R}/tables/{{model}}/{{sae}}/survival.parquet",
         csv=f"{R}/tables/{{model}}/{{sae}}/survival.csv",
     log:
