@@ -132,3 +132,14 @@ def test_classify_by_interval_and_summary_sums_to_100() -> None:
     assert counts == (1, 1, 1, 4)
     assert sum(row[f"{c}_pct"] for c in CLASSES) == pytest.approx(100.0)
     assert row["insufficient_pct"] == pytest.approx(400 / 7)
+
+
+def test_summary_sparsity_from_names_and_matched_results() -> None:
+    from sae_audit.survival import with_sparsity
+
+    table = pl.DataFrame({"variant": ["rtn-int4", "prune-0.175", "prune-matched-rtn-int4"]})
+    out = with_sparsity(table, {"prune-matched-rtn-int4": 0.0902})
+    assert out.columns == ["variant", "sparsity"]
+    assert out["sparsity"].to_list() == [None, 0.175, 0.0902]
+    with pytest.raises(ValueError, match="prune-matched-rtn-int4"):
+        with_sparsity(table, {})

@@ -113,6 +113,7 @@ def _flag(param: inspect.Parameter) -> tuple[dict[str, Any], Callable[[Any], Any
 # option of that name is something else. A config section's option takes its help from
 # the schema's description of the section instead (`_section_help`).
 OPTION_HELP: dict[str, str] = {
+    "survival.matched": "NAME=PATH: each matched-pruning variant's search result (`sae-audit match-sparsity`), for the sparsity column",
     "feature_table.contexts": "the damaged_contexts table (`sae-audit damaged-contexts`): top FP contexts",
     "feature_table.sae_spec": "JSON: the SAE's config entry (models.<name>.saes.<sae>); a release and sae_id give a Neuronpedia link",
     "feature_table.title": "the page's title",

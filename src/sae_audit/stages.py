@@ -622,10 +622,12 @@ def survival(
     features_out: str | Path,
     summary_out: str | Path,
     seed_turnover: Paths = (),
+    matched: Mapping[str, str] | None = None,
 ) -> pl.DataFrame:
     """Per-feature classes for every variant (long table) and the per-variant summary;
-    with a seed_turnover table (at most one), the seed-stability shares too."""
-    from .survival import SurvivalConfig, survival_tables
+    with a seed_turnover table (at most one), the seed-stability shares too; pruning
+    variants' sparsity (matched ones from their search results, `matched`)."""
+    from .survival import SurvivalConfig, survival_tables, with_sparsity
 
     if len(seed_turnover) > 1:
         raise InputError(f"survival takes at most one seed_turnover table, got {seed_turnover}")
@@ -636,6 +638,8 @@ def survival(
         section(SurvivalConfig, analysis),
         read_parquet(seed_turnover[0]) if seed_turnover else None,
     )
+    chosen = {name: read_json(path)["sparsity"] for name, path in (matched or {}).items()}
+    summary = with_sparsity(summary, chosen)
     write_parquet(features, features_out)
     write_csv(features, Path(features_out).with_suffix(".csv"))
     write_parquet(summary, summary_out)

@@ -9,6 +9,7 @@ threshold. r and damage = 1 - r stay the point values.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import overload
 
@@ -225,3 +226,25 @@ def survival_tables(
         how="vertical_relaxed",
     )
     return long.select("variant", pl.exclude("variant")), summary(tables, perplexity)
+
+
+def with_sparsity(summary_table: pl.DataFrame, matched: Mapping[str, float]) -> pl.DataFrame:
+    """The summary with a ``sparsity`` column after ``variant``: the fraction of block-matrix
+    weights pruned, from the name for ``prune-S`` and from the matched search's result
+    (`matched`, variant -> chosen sparsity) for ``prune-matched-*``; null for the rest."""
+    from .variants import parse_variant
+
+    values: list[float | None] = []
+    for name in summary_table["variant"].to_list():
+        if name in matched:
+            values.append(float(matched[name]))
+            continue
+        try:
+            variant = parse_variant(str(name))
+        except ValueError:
+            variant = None
+        if variant is not None and variant.kind == "prune-matched":
+            raise ValueError(f"no matched-search result given for {name}")
+        values.append(variant.sparsity if variant is not None and variant.kind == "prune" else None)
+    at = summary_table.columns.index("variant") + 1
+    return summary_table.insert_column(at, pl.Series("sparsity", values, dtype=pl.Float64))

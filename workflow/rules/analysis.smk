@@ -82,6 +82,8 @@ rule survival:
         perplexity=f"{R}/tables/{{model}}/perplexity.parquet",
         # read-against numbers where the basis has a twin SAE (rule seed_turnover)
         seed_turnover=lambda w: seed_turnover_input(w.model, w.sae),
+        # the matched searches' chosen sparsities (the summary's sparsity column)
+        matched=lambda w: list(matched_files(w.model).values()),
     output:
         features=f"{R}/tables/{{model}}/{{sae}}/features.parquet",
         features_csv=f"{R}/tables/{{model}}/{{sae}}/features.csv",
@@ -100,11 +102,12 @@ rule survival:
             for v in VARIANTS
         ],
         analysis=dumps(config["analysis"]),
+        matched=lambda w: [f"{v}={p}" for v, p in matched_files(w.model).items()],
     shell:
         "sae-audit survival --analysis {params.analysis:q} --fp-stats {input.fp_stats:q} "
         "--correlation {params.correlation:q} --perplexity {input.perplexity:q} "
         "--features-out {output.features:q} --summary-out {output.summary:q} "
-        "--seed-turnover {input.seed_turnover:q} > {log:q} 2>&1"
+        "--seed-turnover {input.seed_turnover:q} --matched {params.matched:q} > {log:q} 2>&1"
 
 
 rule seed_turnover:

@@ -246,6 +246,13 @@ def equal_bits_variants():
     return sorted({v for pair in audit_config.equal_bits_pairs(config) for v in pair})
 
 
+def matched_files(model):
+    """The matched-pruning search results of a model, by variant."""
+    return {
+        v: f"{R}/matched/{model}/{v}.json" for v in audit_config.matched_variants(config)
+    }
+
+
 def matched_input(wildcards):
     if wildcards.variant.startswith("prune-matched-"):
         return [f"{R}/matched/{wildcards.model}/{wildcards.variant}.json"]
