@@ -267,7 +267,8 @@ _register_stages()
         p.add_argument("--configfile", required=True, help="the workflow config file (YAML)"),
         p.add_argument("--dry-run", "-n", action="store_true", help="list what would be fetched"),
     ),
-    help="Download every model and SAE a config reads from the hub into the local cache.",
+    help="Download every model and SAE a config reads from the hub into the local cache "
+    "(gated models such as Gemma-2 need `hf auth login` or HF_TOKEN first).",
 )
 def _prefetch(a: argparse.Namespace) -> Any:
     from . import config
