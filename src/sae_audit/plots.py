@@ -324,6 +324,23 @@ def _line_styles(
     }
 
 
+def _survival_lines(ax, table: pl.DataFrame, drawn, styles, offsets) -> None:
+    """One line per drawn variant: % survived per bin (bins in table order), in the
+    variant's colour and marker, shifted sideways by its offset so equal values stay apart."""
+    for v in drawn:
+        rows = table.filter(pl.col("variant") == v)
+        color, marker = styles[v]
+        ax.plot(
+            rows["bin"].to_numpy() + offsets[v],
+            rows["survived_frac"].to_numpy() * 100,
+            color=color,
+            marker=marker,
+            ms=4,
+            lw=1.2,
+            label=v,
+        )
+
+
 def _dodge(order: Sequence[str], width: float) -> dict[str, float]:
     """Horizontal offsets spreading ``order`` over ``width`` (centered on 0), so lines and
     markers that share a value stay side by side instead of on top of each other."""
@@ -804,18 +821,7 @@ def _quantile_lines(
     fig, axes = _grid(len(predictors), max_cols=4, w=3.4, h=3.4)
     for ax, predictor in zip(axes, predictors, strict=True):
         part = table.filter(pl.col("predictor") == predictor).sort("bin")
-        for v in drawn:
-            rows = part.filter(pl.col("variant") == v)
-            color, marker = styles[v]
-            ax.plot(
-                rows["bin"].to_numpy() + offsets[v],
-                rows["survived_frac"].to_numpy() * 100,
-                color=color,
-                marker=marker,
-                ms=4,
-                lw=1.2,
-                label=v,
-            )
+        _survival_lines(ax, part, drawn, styles, offsets)
         ax.set_xticks(range(1, q + 1))
         ax.set_ylim(-3, 103)
         ax.set_xlabel(xlabel(predictor, part))
@@ -896,18 +902,7 @@ def survival_by_firing_rate_decile(
     styles = _line_styles(order, variants)  # by every variant: one color each in all figures
     offsets = _dodge(drawn, 0.5)
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    for v in drawn:
-        rows = table.filter(pl.col("variant") == v).sort("bin")
-        color, marker = styles[v]
-        ax.plot(
-            rows["bin"].to_numpy() + offsets[v],
-            rows["survived_frac"].to_numpy() * 100,
-            color=color,
-            marker=marker,
-            ms=4,
-            lw=1.2,
-            label=v,
-        )
+    _survival_lines(ax, table.sort("bin"), drawn, styles, offsets)
     # the bins are FP-only, so one variant's edges label them all; rarity = -log(rate)
     edges = table.filter(pl.col("variant") == order[0]).sort("bin")
     ticks, labels = [], []
