@@ -20,7 +20,7 @@ except ModuleNotFoundError as missing:
     raise WorkflowError(
         f"sae-audit: the Python running snakemake ({sys.executable}) cannot import "
         f"{missing.name!r}: install the workflow's package into it "
-        f"(`{sys.executable} -m pip install -e {workflow.basedir}`; see README.md)"
+        f"(`{sys.executable} -m pip install -e {workflow.current_basedir}`; see README.md)"
     ) from None
 
 # Jobs inherit this: torch's OpenMP threads sleep rather than spin while they wait, so two
