@@ -15,7 +15,9 @@ interleaved, best of --repeats each, and prints tokens/s of both and encode/bare
 share of the encode path's time that is the model and SAE themselves. Beside it, the
 median over rounds of each round's own ratio: on a machine other jobs share, the two
 passes of one round see about the same load, where the two bests may come from
-different moments.
+different moments. A third pass per round, the bare loop plus the SAE-quality sums
+encode adds (a sparse SAE decode per batch, and the nonzero scan encode shares with
+the shard write), gives their cost as a time ratio to the bare loop: an upper bound.
 
     python benchmarks/encode_throughput.py --vs-bare
     python benchmarks/encode_throughput.py --vs-bare --threads 1 --repeats 9
@@ -88,19 +90,33 @@ def run(
 
 @torch.no_grad()
 def bare_loop(
-    model: torch.nn.Module, sae, hook: str, ids: np.ndarray, batch: int, dev: torch.device
+    model: torch.nn.Module,
+    sae,
+    hook: str,
+    ids: np.ndarray,
+    batch: int,
+    dev: torch.device,
+    quality: bool = False,
 ) -> None:
     """The work encode cannot skip: one forward per batch with the SAE's hook captured (as
-    encode captures it) and the SAE encode of the activations; nothing is kept."""
+    encode captures it) and the SAE encode of the activations; nothing is kept. With
+    `quality`, also the SAE-quality sums encode adds (a decode and QualitySums.add)."""
+    from sae_audit.encode import QualitySums, sparse_decode
     from sae_audit.models import ActivationCapture
 
     sae_dtype = next(sae.parameters()).dtype
+    sums = QualitySums(int(sae.cfg.d_in), int(sae.cfg.d_sae), dev)
     for lo in range(0, len(ids), batch):
         input_ids = torch.from_numpy(ids[lo : lo + batch]).to(dev)
         with ActivationCapture(model, [hook]) as capture:
             model(input_ids=input_ids)
         acts = capture.activations[hook]
-        sae.encode(acts.to(sae_dtype).reshape(-1, acts.shape[-1]))
+        flat = acts.to(sae_dtype).reshape(-1, acts.shape[-1])
+        codes = sae.encode(flat)
+        if quality:
+            flat_codes = codes.reshape(-1)
+            nonzero = torch.nonzero(flat_codes).squeeze(1)
+            sums.add(flat, sparse_decode(sae, codes, nonzero, flat_codes[nonzero]))
 
 
 def vs_bare(
@@ -130,6 +146,7 @@ def vs_bare(
     cfg = EncodeConfig(batch_size=batch, device=device)
     loops: dict[str, Callable[[], object]] = {
         "bare": lambda: bare_loop(model, sae, hook, ids, batch, dev),
+        "quality": lambda: bare_loop(model, sae, hook, ids, batch, dev, quality=True),
         "encode": lambda: encode_shard_multi(
             model, [target], tokens, out / "nll.parquet", meta, cfg, dev
         ),
@@ -216,16 +233,21 @@ def main() -> None:
             print(f"{header}, best of {args.repeats}, torch threads {torch.get_num_threads()}")
             print(
                 f"{'config':>16} {'bare tok/s':>11} {'encode tok/s':>13} {'encode/bare':>12} "
-                f"{'median of rounds':>17}"
+                f"{'median of rounds':>17} {'bare+quality/bare':>18}"
             )
             for config, n_tokens, seconds in results:
                 bare, encode = min(seconds["bare"]), min(seconds["encode"])
                 per_round = statistics.median(
                     b / e for b, e in zip(seconds["bare"], seconds["encode"], strict=True)
                 )
+                # The SAE-quality sums' share: the bare loop with them against without,
+                # as a time ratio (1.10: they add 10 % to the forward + SAE encode).
+                quality = statistics.median(
+                    q / b for q, b in zip(seconds["quality"], seconds["bare"], strict=True)
+                )
                 print(
                     f"{config:>16} {n_tokens / bare:>11.0f} {n_tokens / encode:>13.0f} "
-                    f"{bare / encode:>12.3f} {per_round:>17.3f}"
+                    f"{bare / encode:>12.3f} {per_round:>17.3f} {quality:>18.3f}"
                 )
             return
         rows = []

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -236,10 +237,17 @@ def write_dense(
     row_group_size: int = 1 << 20,
     rows_per_write: int = 17,
     d_sae: int | None = None,
+    excluded: Sequence[int] = (),
 ) -> list[Path]:
-    """Write a dense [n_tokens, d_sae] code matrix as sparse shards split by token."""
+    """Write a dense [n_tokens, d_sae] code matrix as sparse shards split by token.
+
+    Positions in `excluded` get no rows and are recorded as excluded, as encode does
+    with encode.exclude_special_positions.
+    """
     from sae_audit.shards import CodeShardWriter, ShardMetadata
 
+    dense = dense.copy()
+    dense[list(excluded)] = 0
     n_tokens, d = dense.shape
     bounds = np.linspace(0, n_tokens, n_shards + 1).astype(int)
     paths = []
@@ -253,6 +261,7 @@ def write_dense(
             token_start=int(start),
             token_stop=int(stop),
             config_hash="x",
+            excluded=tuple(int(t) for t in sorted(excluded) if start <= t < stop),
         )
         path = root / variant / f"shard-{i}.parquet"
         with CodeShardWriter(path, meta, row_group_size=row_group_size) as w:

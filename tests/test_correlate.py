@@ -275,6 +275,31 @@ def test_selections_accumulate_only_their_tokens(
     _assert_sums_equal_dense(everything, x, y)
 
 
+def test_excluded_positions_count_in_no_statistic(tmp_path: Path) -> None:
+    """Shards that exclude positions (encode.exclude_special_positions) correlate as if
+    those positions were not in the token set at all: r, the token count and every
+    selection's count are those of the kept positions."""
+    x, y = _pair_data(seed=8, n=120, d=6)
+    excluded = [*range(0, 120, 12), 5, 77]  # each sequence's first, and two more
+    fp = write_dense(tmp_path, "fp", x, n_shards=2, rows_per_write=7, excluded=excluded)
+    var = write_dense(tmp_path, "v", y, n_shards=2, rows_per_write=5, excluded=excluded)
+    kept = np.setdiff1d(np.arange(120), excluded)
+    out = correlate_variant(fp, var)
+    assert (out["n_tokens"] == kept.size).all()
+    for f in (1, 2, 4, 5):
+        expected = np.corrcoef(x[kept, f], y[kept, f])[0, 1]
+        assert abs(out["r"][f] - expected) < 1e-9, f
+    head = SufficientSums(d_sae=6)
+    for a, b in zip(fp, var, strict=True):
+        accumulate_selections(a, b, [(head, lambda t: t < 50)])
+    in_head = kept[kept < 50]
+    _assert_sums_equal_dense(head, x[in_head], y[in_head])
+    # FP and variant shards must exclude the same positions.
+    other = write_dense(tmp_path / "o", "v", y, n_shards=2, excluded=excluded[:-1])
+    with pytest.raises(ValueError, match="excluded differs"):
+        correlate_variant(fp, other)
+
+
 @pytest.mark.parametrize("empty", ["fp", "variant", "both"])
 def test_an_empty_shard_adds_only_the_other_side(tmp_path: Path, empty: str) -> None:
     x, y = _pair_data(seed=7, n=60, d=6)

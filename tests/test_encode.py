@@ -19,10 +19,19 @@ from sae_audit.encode import (
     target_nll,
     token_nll,
 )
+from sae_audit.fp_stats import fp_feature_stats
 from sae_audit.models import ActivationCapture, load_model
-from sae_audit.shards import read_metadata, read_nll_shard, write_token_shard
+from sae_audit.sae_quality import variant_quality
+from sae_audit.saes import SaeInput
+from sae_audit.shards import (
+    Expected,
+    read_metadata,
+    read_nll_shard,
+    read_quality,
+    write_token_shard,
+)
 
-from .test_families import make_sae
+from .test_families import SAE_CLASSES, make_sae
 
 
 def test_token_nll_is_the_cross_entropy_of_the_next_token():
@@ -189,3 +198,105 @@ def test_non_finite_codes_name_their_token_and_leave_no_shard(gpt_neox_dir, tmp_
         )
     assert not (tmp_path / "codes.parquet").exists()
     assert not (tmp_path / "nll.parquet").exists()
+
+
+def _encode_one(model, sae, hook, tokens, tmp_path, special_ids=(), sae_in=None):
+    encode_shard_multi(
+        model,
+        [EncodeTarget(sae, hook, tmp_path / "codes.parquet", "sae", input=sae_in)],
+        tokens,
+        tmp_path / "nll.parquet",
+        {"model": "tiny", "variant": "fp", "config_hash": "hash"},
+        EncodeConfig(batch_size=2, device="cpu", exclude_special_positions=bool(special_ids)),
+        torch.device("cpu"),
+        special_ids,
+    )
+    return pq.read_table(tmp_path / "codes.parquet")
+
+
+def test_the_footer_holds_the_sae_quality_of_what_was_encoded(gpt_neox_dir, tmp_path):
+    """Explained variance, MSE, L0 and dead fraction from the footer's sums equal those
+    computed directly from the dense activations and sae-lens's own reconstruction."""
+    n_seq, seq_len, first = 5, 6, 2
+    model, ids, tokens, hook, sae = _tiny_run(gpt_neox_dir, tmp_path, n_seq, seq_len, first)
+    table = _encode_one(model, sae, hook, tokens, tmp_path)
+    record = read_quality(tmp_path / "codes.parquet")
+    row = variant_quality([tmp_path / "codes.parquet"], "fp", Expected())
+    with torch.no_grad(), ActivationCapture(model, [hook]) as capture:
+        model(input_ids=ids)
+    x = capture.activations[hook].reshape(-1, 32).double()
+    with torch.no_grad():
+        codes = sae.encode(x.float())
+        error = (sae.decode(codes).double() - x).square().sum()
+    variance = (x - x.mean(dim=0)).square().sum()
+    assert record["n"] == row["n_positions"] == n_seq * seq_len
+    # Batch by batch in float32 against all at once: equal to rounding.
+    assert row["explained_variance"] == pytest.approx(float(1 - error / variance), rel=1e-6)
+    assert row["mse"] == pytest.approx(float(error) / x.numel(), rel=1e-6)
+    assert row["l0"] == pytest.approx(table.num_rows / (n_seq * seq_len))
+    fired = (codes > 0).any(dim=0)
+    assert row["dead_fraction"] == pytest.approx(1 - fired.double().mean().item())
+    assert 0 < row["dead_fraction"] < 1 or fired.all()
+
+
+@pytest.mark.parametrize("arch", list(SAE_CLASSES))
+def test_sparse_decode_is_sae_lens_decode(arch):
+    """The reconstruction of the quality sums, from the codes' nonzeros, is sae-lens's own
+    decode of the dense codes, for every architecture."""
+    sae = make_sae(arch, 32, 48, "blocks.1.hook_resid_post", seed=1)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        codes = sae.encode(torch.randn(20, 32, generator=torch.Generator().manual_seed(2)))
+        flat = codes.reshape(-1)
+        nonzero = torch.nonzero(flat).squeeze(1)
+        assert 0 < nonzero.numel() < codes.numel()
+        got = encode.sparse_decode(sae, codes, nonzero, flat[nonzero])
+        torch.testing.assert_close(got, sae.decode(codes), rtol=1e-5, atol=1e-5)
+
+
+def test_special_positions_are_excluded_and_recorded(gpt_neox_dir, tmp_path):
+    n_seq, seq_len, first = 5, 6, 2
+    model, ids, tokens, hook, sae = _tiny_run(gpt_neox_dir, tmp_path, n_seq, seq_len, first)
+    # Two "special" ids that occur in the shard (the first token of every sequence, and
+    # one more), so some batches lose rows in the middle too.
+    special = {int(ids[0, 0]), int(ids[3, 4])}
+    table = _encode_one(model, sae, hook, tokens, tmp_path, special_ids=special)
+    meta = read_metadata(tmp_path / "codes.parquet")
+    start = first * seq_len
+    expected = [start + i for i, t in enumerate(ids.reshape(-1).tolist()) if t in special]
+    assert list(meta.excluded) == expected and meta.n_positions == n_seq * seq_len - len(expected)
+    token = table["token"].to_numpy()
+    assert not np.isin(token, expected).any()
+    # The kept positions hold exactly what the unexcluded run wrote there.
+    (tmp_path / "full").mkdir()
+    full = _encode_one(model, sae, hook, tokens, tmp_path / "full")
+    keep = ~np.isin(full["token"].to_numpy(), expected)
+    np.testing.assert_array_equal(token, full["token"].to_numpy()[keep])
+    # (fewer rows per SAE matmul: equal to float32 rounding)
+    np.testing.assert_allclose(
+        table["value"].to_numpy(), full["value"].to_numpy()[keep], rtol=1e-5, atol=1e-6
+    )
+    assert read_quality(tmp_path / "codes.parquet")["n"] == meta.n_positions
+    # Every statistic counts only the kept positions.
+    stats = fp_feature_stats([tmp_path / "codes.parquet"])
+    assert stats["n_tokens"][0] == meta.n_positions
+    # The NLL shard still scores every token.
+    nll_token, _ = read_nll_shard(tmp_path / "nll.parquet", "fp")
+    assert nll_token.size == n_seq * (seq_len - 1)
+
+
+def test_a_centering_sae_encodes_the_mean_free_activation(gpt_neox_dir, tmp_path):
+    model, ids, tokens, hook, sae = _tiny_run(gpt_neox_dir, tmp_path)
+    sae_in = SaeInput(hook, center=True, normalize_activations="none", prepend_bos=None,
+                      tokens_bos=False)  # fmt: skip
+    table = _encode_one(model, sae, hook, tokens, tmp_path, sae_in=sae_in)
+    with torch.no_grad(), ActivationCapture(model, [hook]) as capture:
+        model(input_ids=ids)
+    x = capture.activations[hook].reshape(-1, 32)
+    with torch.no_grad():
+        codes = sae.encode(x - x.mean(dim=-1, keepdim=True))
+    assert table.num_rows == int((codes != 0).sum()) and table.num_rows > 0
+    np.testing.assert_allclose(
+        table["value"].to_numpy(), codes[codes != 0].numpy(), rtol=1e-5, atol=1e-6
+    )
+    assert read_quality(tmp_path / "codes.parquet")["centered"] is True

@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
+from sae_audit import table_docs
 from sae_audit.overlap import (
     chance_jaccard,
     jaccard,
@@ -151,6 +152,9 @@ def test_overlap_table_uses_the_null_variant_and_never_nan(tmp_path) -> None:
     floats = [c for c, t in table.schema.items() if t == pl.Float64]
     assert not table.select(pl.any_horizontal(pl.col(floats).is_nan())).to_series().any()
     table.write_parquet(tmp_path / "o.parquet")
+    # its columns are the documented ones (tables.schema.yaml), with no pair too
+    assert table_docs.problems("overlap", table.schema) == []
+    assert table_docs.problems("overlap", overlap_table(tables, []).schema) == []
     # an identical rerun damages nothing: constant damage, an undefined null Spearman
     tables["fp-null"] = tables["fp-null"].with_columns(pl.lit(0.0).alias("damage"))
     (row,) = overlap_table(tables, [["rtn-int4", "prune-matched-rtn-int4"]]).to_dicts()

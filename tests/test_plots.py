@@ -104,16 +104,36 @@ def _survival(features: pl.DataFrame, perplexity: pl.DataFrame) -> pl.DataFrame:
     return summary.join(perplexity, on="variant", how="left")
 
 
+def _sae_quality() -> pl.DataFrame:
+    """The SAE's reconstruction quality per variant (a report table; columns: tables.schema.yaml)."""
+    variants = ["fp", "rtn-int8", "rtn-int4", "prune-matched-rtn-int4", "fp-null"]
+    return pl.DataFrame(
+        {
+            "variant": variants,
+            "n_positions": [6144] * len(variants),
+            "explained_variance": [0.9, 0.89, 0.7, 0.72, 0.9],
+            "mse": [0.1, 0.11, 0.3, 0.28, 0.1],
+            "l0": [12.0, 12.1, 15.0, 14.0, 12.0],
+            "dead_fraction": [0.01, 0.01, 0.02, 0.02, 0.01],
+            "hook": ["blocks.0.hook_resid_post"] * len(variants),
+            "sae_prepend_bos": [True] * len(variants),
+            "tokens_bos": [True] * len(variants),
+            "normalize_activations": ["none"] * len(variants),
+            "centered": [False] * len(variants),
+        }
+    )
+
+
 def _perplexity() -> pl.DataFrame:
     dppl = {"fp": 0.0, "rtn-int8": 0.1, "rtn-int4": 14.0, "prune-matched-rtn-int4": 13.5}
     dppl["fp-null"] = 0.0
     return pl.DataFrame(
         {
             "variant": list(dppl),
-            "n_tokens": [6144] * len(dppl),
+            "n_scored_chunked": [6144] * len(dppl),
             "ppl_chunked": [30 * (1 + d / 100) for d in dppl.values()],
             "ppl_sliding": [28 * (1 + d / 100) for d in dppl.values()],
-            "n_tokens_sliding": [6000] * len(dppl),
+            "n_scored_sliding": [6000] * len(dppl),
             "dppl_chunked_pct": list(dppl.values()),
             "dppl_sliding_pct": [d * 0.9 for d in dppl.values()],
         }
@@ -346,6 +366,7 @@ def tables(tmp_path_factory) -> dict[str, Path]:
         "damaged_contexts": _damaged_contexts(),
         "equal_bits": _equal_bits(),
         "outliers": _outliers(),
+        "sae_quality": _sae_quality(),
     }
     paths = {}
     for name, frame in frames.items():
@@ -594,6 +615,7 @@ def test_every_figure_has_function_and_caption():
         "workflow.rst",
         "tables.rst",
         "feature_table.rst",  # the interactive per-feature table (rule feature_table)
+        "columns.rst",  # every output table's columns (rule table_docs)
     }
     # nothing outside the registry is drawable by name
     assert not [n for n in ("_save", "report_table", "thresholds") if n in FIGURE_REGISTRY]
@@ -669,6 +691,7 @@ def test_report_shows_every_registered_figure(finished_run: Path):
     assert "The dashed lines at damage" in html and "1 - 0.9" in html
     for table in ("survival", "perplexity", "predict", "overlap", "damaged_contexts"):
         assert f"{table}.html" in html, table
+    assert "columns.html" in html  # every table's columns (rule table_docs)
 
 
 def test_variant_order_and_palette():
@@ -714,10 +737,10 @@ def shipped_tables(tmp_path_factory) -> dict[str, Path]:
     perplexity = pl.DataFrame(
         {
             "variant": ["fp", *names],
-            "n_tokens": 6144,
+            "n_scored_chunked": 6144,
             "ppl_chunked": [30.0] + [30 * (1 + d / 100) for d in dppl],
             "ppl_sliding": [28.0] + [28 * (1 + d / 100) for d in dppl],
-            "n_tokens_sliding": 6000,
+            "n_scored_sliding": 6000,
             "dppl_chunked_pct": [0.0, *dppl],
             "dppl_sliding_pct": [0.0] + [0.9 * d for d in dppl],
         }
@@ -732,7 +755,7 @@ def shipped_tables(tmp_path_factory) -> dict[str, Path]:
             "insufficient_pct": [(100 - s) / 4 for s in survived],
             "mean_r": [s / 100 for s in survived],
         }
-    ).join(perplexity.drop("n_tokens"), on="variant", how="left")
+    ).join(perplexity.drop("n_scored_chunked"), on="variant", how="left")
     paths = {"survival": out / "survival.parquet", "perplexity": out / "perplexity.parquet"}
     survival.write_parquet(paths["survival"])
     perplexity.write_parquet(paths["perplexity"])

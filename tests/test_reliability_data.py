@@ -35,7 +35,7 @@ from .test_families import make_sae
 
 SEQ_LEN, N_SEQ, N_SHARDS, D_SAE = 16, 8, 2, 48
 MODEL_PARAMS = {"source": "x", "dtype": "float32", "revision": None, "attn_implementation": None}
-ENCODE_PARAMS = {"batch_size": 4, "device": "cpu"}
+ENCODE_PARAMS = {"batch_size": 4, "device": "cpu", "exclude_special_positions": False}
 VARIANTS = ("fp", "rtn-int8", "rtn-int2")
 
 
@@ -271,7 +271,9 @@ def test_a_deleted_shard_is_refused(run: Path, tmp_path: Path):
 def test_a_shard_from_another_config_is_refused(run: Path, audit: Path, tmp_path: Path):
     other = {
         **real_expect(run, audit),
-        "config_hash": encode_hash(MODEL_PARAMS, {"batch_size": 8, "device": "cpu"}, {}),
+        "config_hash": encode_hash(
+            MODEL_PARAMS, {"batch_size": 8, "device": "cpu", "exclude_special_positions": False}, {}
+        ),
     }
     with pytest.raises(InputError, match="config_hash="):
         stages.fp_stats(codes=codes(run, "fp"), out=str(tmp_path / "s.parquet"), expect=other)

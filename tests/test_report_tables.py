@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import html
+
 import polars as pl
 import pytest
 
 from sae_audit.cli import main as cli_main
-from sae_audit.report_tables import in_variant_order, report_table
+from sae_audit.report_tables import BITS_HELP, column_help, in_variant_order, report_table
 
 
 @pytest.fixture
@@ -85,7 +87,11 @@ def test_rows_in_variant_order_with_a_bits_column(survival, tmp_path):
     report_table(survival, page, variants=BITS)
     text = page.read_text(encoding="utf-8")
     assert text.index("rtn-int4") < text.index("lc-gptq-w4a16") < text.index("rtn-int3")
-    assert "<th>bits</th>" in text
+    # a documented table's headers carry their description (tables.schema.yaml)
+    assert f'<th title="{html.escape(BITS_HELP)}">bits</th>' in text
+    help_pct = html.escape(column_help("survival")["survived_pct"])
+    assert f'<th title="{help_pct}">survived_pct</th>' in text and "[percent]" in help_pct
+    assert column_help("not_a_table") == {}
 
 
 def test_cli_report_tables_takes_the_variant_bits(survival, tmp_path):

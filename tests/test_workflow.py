@@ -10,6 +10,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from sae_audit.shards import read_metadata
+
 from .conftest import TEST_CONFIG, edited_config, planned_jobs, snakemake
 
 
@@ -47,6 +49,17 @@ def test_end_to_end_outputs(finished_run: Path):
     for png in (results / "figures/fixture/res").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (results / "figures/fixture/res/class_fractions_vs_bits.png").exists()
+    # The SAE's quality on every variant's activations, from the shards' footers.
+    quality = pl.read_parquet(results / "tables/fixture/res/sae_quality.parquet")
+    by_variant = {row["variant"]: row for row in quality.to_dicts()}
+    assert set(by_variant) == {"fp", *set(summary["variant"])}
+    fp_quality = by_variant["fp"]
+    assert fp_quality["explained_variance"] > 0.5 and fp_quality["l0"] > 1
+    assert fp_quality["n_positions"] == 96 * 64 and fp_quality["centered"] is False
+    # The FP model run again has the very same activations; INT2 reconstructs worse.
+    assert by_variant["fp-null"]["explained_variance"] == fp_quality["explained_variance"]
+    assert by_variant["rtn-int2"]["explained_variance"] != fp_quality["explained_variance"]
+    assert quality.null_count().sum_horizontal().item() == 0
 
 
 @pytest.mark.slow
@@ -232,3 +245,28 @@ def test_shipped_formats_flow_through_the_workflow(finished_run: Path, tmp_path:
     jobs = planned_jobs(snakemake(work, edited, "-n"))
     assert jobs["compress"] == 1 and jobs["encode"] == 2
     assert "tokenize_calibration" not in jobs
+
+
+@pytest.mark.slow
+def test_special_positions_are_left_out_of_every_statistic(tmp_path: Path):
+    """With a BOS at every sequence start and encode.exclude_special_positions, no code
+    shard has a row there, each records the positions, and the FP firing rates count
+    only the others; the FP encode log says what it left out."""
+
+    def edit(c):
+        c["models"]["fixture"]["tokens"]["bos"] = True
+        c["encode"]["exclude_special_positions"] = True
+
+    config = edited_config(tmp_path, "special", edit)
+    snakemake(tmp_path, config, "results/features/fixture/res/fp_stats.parquet")
+    results = tmp_path / "results"
+    stats = pl.read_parquet(results / "features/fixture/res/fp_stats.parquet")
+    assert stats["n_tokens"].unique().to_list() == [96 * 64 - 96]
+    for shard in sorted((results / "codes/fixture/fp").glob("shard-*/res.parquet")):
+        meta = read_metadata(shard)
+        starts = list(range(meta.token_start, meta.token_stop, 64))
+        assert list(meta.excluded) == starts  # the BOS of each sequence, nothing else
+        tokens = pl.read_parquet(shard, columns=["token"])["token"]
+        assert not tokens.is_in(starts).any()
+    log = (results / "logs/encode/fixture/fp/shard-000.log").read_text()
+    assert "excluding positions of special tokens [0]" in log

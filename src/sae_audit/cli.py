@@ -118,6 +118,7 @@ OPTION_HELP: dict[str, str] = {
     "feature_table.sae_spec": "JSON: the SAE's config entry (models.<name>.saes.<sae>); a release and sae_id give a Neuronpedia link",
     "feature_table.title": "the page's title",
     "feature_table.out": "the HTML page to write",
+    "table_docs.out": "the page to write: .html (the report's), .md or .rst",
     "base": "the FP base model: a hub id or a local model directory",
     "bos": "true: the token set starts every sequence with BOS (tokens.bos), "
     "dropped before the stream is read",
@@ -172,6 +173,10 @@ OPTION_HELP: dict[str, str] = {
     "compress.out": "the checkpoint directory to write",
     "compress.variant": "the variant to make, e.g. rtn-int6, prune-matched-rtn-int6, lc-gptq-w4a16",
     "encode.nll": "the NLL shard to write (per-token negative log-likelihood)",
+    "encode.bos": "true: the token set starts every sequence with BOS (tokens.bos), "
+    "checked against each SAE's prepend_bos",
+    "encode.tokenizer": "the tokenizer (a hub id or a local directory) whose special "
+    "tokens encode.exclude_special_positions leaves out",
     "encode.tokens": "the token shard to encode",
     "fixture_corpus.heldout": "the held-out text file to write",
     "fixture_corpus.train": "the train text file to write",
@@ -180,6 +185,10 @@ OPTION_HELP: dict[str, str] = {
     "fixture_reparam.out": "the planted control's model directory to write",
     "fixture_sae.out": "the SAE directory to write (sae-lens format)",
     "fixture_sae_twin.out": "the twin SAE directory to write (sae-lens format)",
+    "fixture_training.artifacts": "each trained fixture artifact, NAME=DIRECTORY (model, sae, "
+    "sae-twin: the names of its bundled copy), holding the metrics.json of its build",
+    "fixture_training.out": "the table to write (parquet)",
+    "fixture_training.report": "the table's report forms to write: .html and/or .csv",
     "fp_stats.codes": "the FP model's code shards under one SAE",
     "tokenize.out": "the token shard files to write, in order",
     "tokenize_calibration.out": "the calibration token file to write",

@@ -262,7 +262,7 @@ def _check_pair(fp_meta: ShardMetadata, var_meta: ShardMetadata, fp: Path, var: 
             f"token ranges differ: {fp} [{fp_meta.token_start}, {fp_meta.token_stop}) vs "
             f"{var} [{var_meta.token_start}, {var_meta.token_stop})"
         )
-    for attr in ("model", "sae", "hook"):
+    for attr in ("model", "sae", "hook", "excluded"):
         if getattr(fp_meta, attr) != getattr(var_meta, attr):
             raise ValueError(
                 f"{attr} differs: {fp} has {getattr(fp_meta, attr)!r}, "
@@ -353,9 +353,15 @@ def accumulate_selections(
         _add_piece(selections, rows, True, scratch)
     for rows in var_pieces:
         _add_piece(selections, rows, False, scratch)
+    # Every position the shard covers counts (a zero where nothing fired), except the
+    # ones it excludes by design (encode.exclude_special_positions).
     tokens = np.arange(fp_meta.token_start, fp_meta.token_stop, dtype=np.int64)
+    excluded = np.asarray(fp_meta.excluded, dtype=np.int64)
     for sums, keep in selections:
-        sums.n += fp_meta.n_tokens if keep is None else int(keep(tokens).sum())
+        if keep is None:
+            sums.n += fp_meta.n_positions
+        else:
+            sums.n += int(keep(tokens).sum()) - int(keep(excluded).sum())
 
 
 def pearson_from_sums(sums: SufficientSums) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ from .files import InputError, rerun_hint
 from .overlap import null_variants
 from .shards import Expected, pair_shards
 from .survival import CLASSES, INSUFFICIENT
+from .table_docs import polars_schema
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 
@@ -138,19 +139,8 @@ def damaged_contexts(
     )
 
 
-OUTPUT_SCHEMA = {
-    "variant": pl.String,
-    "feature": pl.Int32,
-    "damage_rank": pl.Int64,
-    "r": pl.Float64,
-    "where_fires": pl.String,
-    "context_rank": pl.Int64,
-    "position": pl.Int64,
-    "token_id": pl.Int64,
-    "context": pl.String,
-    "fp_value": pl.Float32,
-    "variant_value": pl.Float32,
-}
+# The columns and their dtypes: tables.schema.yaml, table `damaged_contexts`.
+OUTPUT_SCHEMA = polars_schema("damaged_contexts")
 
 
 def _variant_only(

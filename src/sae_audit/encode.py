@@ -3,8 +3,9 @@ write the nonzero codes as a sparse shard, and the per-token NLL beside it."""
 
 from __future__ import annotations
 
+import base64
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from . import progress
 from .config import FROM_SCHEMA, ConfigSection
 from .files import AuditError
 from .models import ActivationCapture
+from .saes import SaeInput
 from .shards import CodeShardWriter, ShardMetadata, read_token_shard, write_nll_shard
 
 
@@ -31,6 +33,7 @@ class EncodeConfig(ConfigSection, section="encode"):
 
     batch_size: int = FROM_SCHEMA
     device: str = FROM_SCHEMA
+    exclude_special_positions: bool = FROM_SCHEMA
 
 
 # Logits are scored a chunk of rows at a time. On CPU a chunk that stays in a server's L3
@@ -107,6 +110,64 @@ class EncodeTarget:
     codes_path: str | Path
     sae_name: str  # recorded in the shard metadata
     config_hash: str | None = None  # this SAE's shard provenance hash (else meta's)
+    input: SaeInput | None = None  # what the SAE's metadata asks of its input (else as is)
+
+
+class QualitySums:
+    """Sums over encoded positions from which the SAE's reconstruction quality follows.
+
+    float64, added batch by batch and shard by shard (sae_audit.sae_quality): the squared
+    reconstruction error, the activations' sum and squared norm (their variance about the
+    mean activation), the number of nonzero codes, and which features fired at all.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, device: torch.device):
+        self.n = 0
+        self.n_codes = 0
+        self.squared_error = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
+
+    def add(self, x: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        """Add a batch of SAE inputs and their reconstructions ([n, d_in] each); the caller
+        marks the features that fired in `fired`."""
+        x64 = x.double()
+        self.n += x.shape[0]
+        self.squared_error += (reconstruction.double() - x64).square().sum()
+        self.sum_sq += x64.square().sum()
+        self.sum += x64.sum(dim=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        fired = np.packbits(self.fired.cpu().numpy())
+        return {
+            "n": self.n,
+            "n_codes": self.n_codes,
+            "squared_error": float(self.squared_error),
+            "sum_sq": float(self.sum_sq),
+            "sum": self.sum.cpu().tolist(),
+            "d_sae": int(self.fired.numel()),
+            "fired": base64.b64encode(fired.tobytes()).decode(),
+        }
+
+
+def sparse_decode(
+    sae: Any, codes: torch.Tensor, nonzero: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """`sae.decode(codes)` from the codes' nonzeros (flat indices into `codes`, and their
+    values): a sparse product costs L0 x d_in per row where the dense one costs
+    d_sae x d_in, which on a CPU would add half again to encode's time at d_sae 32768.
+
+    sae-lens's decode takes a sparse tensor in its matmul (TopK's explicitly); an SAE class
+    whose decode does not gets the dense codes.
+    """
+    n, width = codes.shape
+    indices = torch.stack((nonzero // width, nonzero % width))
+    sparse = torch.sparse_coo_tensor(indices, values, (n, width), is_coalesced=True)
+    try:
+        return sae.decode(sparse)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return sae.decode(codes)
 
 
 @torch.no_grad()
@@ -118,15 +179,23 @@ def encode_shard_multi(
     meta: dict[str, Any],
     cfg: EncodeConfig,
     device: torch.device,
+    special_ids: Collection[int] = (),
 ) -> dict[str, Any]:
     """One forward pass per batch captures every SAE's hook; each SAE writes its own shard.
 
-    The per-token NLL comes from the same forward pass. Returns counts and timings.
+    The per-token NLL comes from the same forward pass. Positions whose input token is in
+    `special_ids` get no codes and are recorded as excluded in the code shards' metadata
+    (the NLL shard scores every token). Each code shard's footer holds the SAE's
+    reconstruction sums over the positions it encoded (QualitySums). Returns counts and
+    timings.
     """
     seq_idx, ids, _ = read_token_shard(token_shard)
     n_seq, seq_len = ids.shape
     token_start = int(seq_idx[0]) * seq_len
     hooks = sorted({t.hook for t in targets})
+    # Flat row n of a batch starting at sequence lo is global position base + n.
+    exclude = np.isin(ids, np.fromiter(special_ids, dtype=np.int64)).reshape(-1)
+    excluded = tuple(int(t) for t in token_start + np.flatnonzero(exclude))
     nll_meta = ShardMetadata(
         token_start=token_start,
         token_stop=token_start + n_seq * seq_len,
@@ -149,12 +218,14 @@ def encode_shard_multi(
                         hook=t.hook,
                         sae=t.sae_name,
                         config_hash=t.config_hash or nll_meta.config_hash,
+                        excluded=excluded,
                     ),
                 )
             )
             for t in targets
         ]
         dtypes = [next(t.sae.parameters()).dtype for t in targets]
+        quality = [QualitySums(int(t.sae.cfg.d_in), int(t.sae.cfg.d_sae), device) for t in targets]
         for lo in progress.bar(
             range(0, n_seq, cfg.batch_size), desc=f"encode {meta['variant']}", unit="batch"
         ):
@@ -168,20 +239,34 @@ def encode_shard_multi(
             _first_non_finite(
                 nll, f"{where}: NLL", lambda b, t, base=base: base + b * seq_len + t + 1
             )
-            for target, writer, dtype in zip(targets, writers, dtypes, strict=True):
+            rows_kept = np.flatnonzero(
+                ~exclude[base - token_start : base - token_start + batch.numel()]
+            )
+            all_kept = rows_kept.size == batch.numel()
+            kept_index = None if all_kept else torch.from_numpy(rows_kept).to(device)
+            for target, writer, dtype, sums in zip(targets, writers, dtypes, quality, strict=True):
                 acts = capture.activations[target.hook]
                 flat = acts.to(dtype).reshape(-1, acts.shape[-1])
                 _first_non_finite(
                     flat, f"{where}: activation at {target.hook}", lambda n, _, base=base: base + n
                 )
+                if kept_index is not None:
+                    flat = flat.index_select(0, kept_index)
+                if target.input is not None:
+                    flat = target.input.prepare(flat)
                 codes = target.sae.encode(flat)
                 # One nonzero over the flat codes: its indices come out in row-major order,
                 # which is (token, feature) order, so the writer has nothing to sort; and a
                 # 1-D gather of the values is cheaper than indexing by (row, feature).
                 flat_codes = codes.reshape(-1)
                 nonzero = torch.nonzero(flat_codes).squeeze(1)
-                values = flat_codes[nonzero].float().cpu().numpy()
+                code_values = flat_codes[nonzero]
+                sums.add(flat, sparse_decode(target.sae, codes, nonzero, code_values))
+                sums.fired[(nonzero % codes.shape[-1])[code_values > 0]] = True
+                values = code_values.float().cpu().numpy()
                 rows, features = np.divmod(nonzero.cpu().numpy(), codes.shape[-1])
+                if not all_kept:
+                    rows = rows_kept[rows]  # a kept row's index in the batch
                 finite = np.isfinite(values)
                 if not finite.all():
                     first = int(rows[~finite][0])
@@ -195,14 +280,20 @@ def encode_shard_multi(
             )
             nll_tokens.append(positions.reshape(-1))
             nll_values.append(nll.double().cpu().numpy().reshape(-1))
+        for target, writer, sums in zip(targets, writers, quality, strict=True):
+            sums.n_codes = writer.n_rows
+            applied = target.input.to_dict() if target.input is not None else {}
+            writer.set_quality({**sums.to_dict(), **applied})
         n_codes = {t.sae_name: w.n_rows for t, w in zip(targets, writers, strict=True)}
     write_nll_shard(nll_path, np.concatenate(nll_tokens), np.concatenate(nll_values), nll_meta)
     seconds = time.perf_counter() - started
     n_tokens = nll_meta.n_tokens
+    n_positions = n_tokens - len(excluded)
     return {
         "n_tokens": n_tokens,
+        "n_excluded": len(excluded),
         "n_codes": n_codes,
-        "l0": {name: n / n_tokens for name, n in n_codes.items()},
+        "l0": {name: n / max(n_positions, 1) for name, n in n_codes.items()},
         "seconds": seconds,
         "tokens_per_second": n_tokens / seconds,
         "device": str(device),

@@ -31,6 +31,7 @@ from .damaged_contexts import ContextConfig, damaged_contexts
 from .overlap import jaccard
 from .shards import Expected
 from .survival import INSUFFICIENT
+from .table_docs import polars_schema
 from .variants import parse_variant
 
 SUMMARY = "summary"
@@ -41,32 +42,8 @@ DIRECTIONS = (SAVED, LOST)
 # One table, two kinds of rows: a summary row per pair (direction "summary": the counts,
 # the Jaccard and its reason; the per-feature columns null), and per saved/lost feature one
 # row per top FP context (the summary columns null).
-SCHEMA: dict[str, Any] = {
-    "rtn_variant": pl.String,
-    "shipped_variant": pl.String,
-    "bits": pl.Int64,
-    "direction": pl.String,
-    "n_active": pl.Int64,
-    "n_destroyed_rtn": pl.Int64,
-    "n_destroyed_shipped": pl.Int64,
-    "n_saved": pl.Int64,
-    "n_lost": pl.Int64,
-    "jaccard_destroyed": pl.Float64,
-    "reason": pl.String,
-    "rank": pl.Int64,
-    "feature": pl.Int32,
-    "firing_rate": pl.Float64,
-    "r_rtn": pl.Float64,
-    "r_shipped": pl.Float64,
-    "class_rtn": pl.String,
-    "class_shipped": pl.String,
-    "context_rank": pl.Int64,
-    "position": pl.Int64,
-    "context": pl.String,
-    "fp_value": pl.Float32,
-    "rtn_value": pl.Float32,
-    "shipped_value": pl.Float32,
-}
+# The columns, their dtypes and meaning: tables.schema.yaml, table `equal_bits`.
+SCHEMA: dict[str, Any] = polars_schema("equal_bits")
 
 
 def shared_active(rtn: pl.DataFrame, shipped: pl.DataFrame) -> pl.DataFrame:

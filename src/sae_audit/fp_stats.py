@@ -23,15 +23,16 @@ def fp_feature_stats(
     """Firing statistics of every feature (0..d_sae-1) over the given FP code shards.
 
     A feature fires on a token when its activation is > 0. ``firing_rate`` is
-    firing_count / n_tokens, where n_tokens defaults to the summed metadata token
-    ranges (a token on which nothing fires is still a token). ``mean_when_firing``
+    firing_count / n_tokens, where n_tokens defaults to the positions the shards count
+    (their token ranges less the positions they exclude by design; a token on which
+    nothing fires is still a token). ``mean_when_firing``
     is null for a feature that never fires; ``peak`` is then 0.0. ``sum`` and
     ``sum_sq`` run over all stored (nonzero) values, i.e. over all tokens.
     """
     paths = [Path(p) for p in shard_paths]
     metas = code_set_metadata(paths, variant, expect)
     d_sae = metas[0].d_sae
-    total = sum(m.n_tokens for m in metas)
+    total = sum(m.n_positions for m in metas)
     if n_tokens is not None:
         if n_tokens < 1:
             raise ValueError(f"n_tokens must be positive, got {n_tokens}")

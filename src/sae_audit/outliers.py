@@ -36,6 +36,7 @@ from torch import nn
 
 from .config import FROM_SCHEMA, ConfigSection
 from .models import ActivationCapture, as_out_in, blocks_of, family_of, target_weights
+from .table_docs import descriptions, polars_schema
 
 
 @dataclass(frozen=True)
@@ -46,47 +47,10 @@ class OutliersConfig(ConfigSection, section="outliers"):
     batch_size: int = FROM_SCHEMA
 
 
-# The table's columns and what each holds (kurtosis is Pearson's: a Gaussian has 3).
-COLUMNS: dict[str, str] = {
-    "scope": "'matrix' (one block matrix) or 'layer' (the residual stream after one block)",
-    "layer": "block index",
-    "name": "matrix: its state-dict name; layer: the hook name blocks.L.hook_resid_post",
-    "matrix": "matrix: its path inside the block (e.g. mlp.dense_h_to_4h); layer: null",
-    "n_out": "matrix: output channels (rows of the [out, in] view)",
-    "n_in": "matrix: input columns",
-    "weight_kurtosis": "matrix: Pearson kurtosis (normal = 3) of all its entries",
-    "row_absmax_ratio": "matrix: max / median over output rows of the row absmax (RTN's scale)",
-    "col_absmax_ratio": "matrix: max / median over input columns of the column absmax",
-    "top_col": "matrix: the input column with the largest absmax",
-    "n_tokens": "layer: tokens read (sequences x sequence length)",
-    "act_kurtosis": "layer: Pearson kurtosis (normal = 3) of the residual over all token-dims",
-    "dim_ratio": "layer: largest mean |activation| of a residual dimension / the median dim's",
-    "top_dim": "layer: the residual dimension with the largest mean |activation|",
-    "first_token_norm_ratio": "layer: mean residual norm at position 0 / mean norm elsewhere",
-    "sink_score": "layer: mean attention probability on position 0 (heads, queries > 0)",
-    "sink_uniform": "layer: the sink score of uniform causal attention, mean of 1/(q+1) over q > 0",
-    "reason": "why a value of the row is null; null when every value is defined",
-}
-SCHEMA: dict[str, Any] = {
-    "scope": pl.String,
-    "layer": pl.Int64,
-    "name": pl.String,
-    "matrix": pl.String,
-    "n_out": pl.Int64,
-    "n_in": pl.Int64,
-    "weight_kurtosis": pl.Float64,
-    "row_absmax_ratio": pl.Float64,
-    "col_absmax_ratio": pl.Float64,
-    "top_col": pl.Int64,
-    "n_tokens": pl.Int64,
-    "act_kurtosis": pl.Float64,
-    "dim_ratio": pl.Float64,
-    "top_dim": pl.Int64,
-    "first_token_norm_ratio": pl.Float64,
-    "sink_score": pl.Float64,
-    "sink_uniform": pl.Float64,
-    "reason": pl.String,
-}
+# The table's columns, their dtypes and what each holds (kurtosis is Pearson's: a Gaussian
+# has 3) are documented in tables.schema.yaml (table `outliers`), read here.
+COLUMNS: dict[str, str] = descriptions("outliers")
+SCHEMA: dict[str, Any] = polars_schema("outliers")
 
 
 # ---------------------------------------------------------------- statistics

@@ -21,6 +21,7 @@ from scipy import stats
 
 from .config import FROM_SCHEMA, ConfigSection
 from .survival import INSUFFICIENT
+from .table_docs import polars_schema
 from .variants import parse_variant
 
 # Permutations of the permutation p-value, and their seed: fixed, so the table is
@@ -246,8 +247,8 @@ def overlap_table(tables: dict[str, pl.DataFrame], pairs: list[list[str]]) -> pl
                 **overlap(tables[a], tables[b], tables[null] if null else None, null),
             }
         )
-    if not rows:
-        return pl.DataFrame(rows)
+    if not rows:  # no pair configured: no rows, but the documented columns
+        return pl.DataFrame(schema=polars_schema("overlap"))
     # Undefined numbers are None, never NaN; their columns stay Float64 when all are None.
     return pl.DataFrame(rows, infer_schema_length=None).with_columns(
         pl.col(r"^(jaccard|spearman|pearson).*$").cast(pl.Float64),

@@ -56,20 +56,24 @@ def perplexity_table(
 ) -> pl.DataFrame:
     """One row per variant: chunked (and, where run, sliding-window) perplexity and
     each one's change against FP in percent. `chunked` maps a variant to
-    `chunked_perplexity`'s result, `sliding` to a sliding-window result."""
+    `chunked_perplexity`'s result, `sliding` to a sliding-window result.
+
+    The token counts say what they count: ``n_scored_chunked`` and ``n_scored_sliding``
+    are the tokens each evaluation scored (predicted), not the positions of the token set
+    (a chunk's first token has no prediction). Columns: tables.schema.yaml, `perplexity`."""
     if "fp" not in chunked:
         raise ValueError("perplexity table needs the fp variant as reference")
     rows = []
     for variant, result in chunked.items():
         row: dict[str, Any] = {
             "variant": variant,
-            "n_tokens": result["n_tokens"],
+            "n_scored_chunked": result["n_tokens"],
             "ppl_chunked": result["perplexity"],
         }
         if variant in sliding:
             row.update(
                 ppl_sliding=sliding[variant]["perplexity"],
-                n_tokens_sliding=sliding[variant]["n_scored"],
+                n_scored_sliding=sliding[variant]["n_scored"],
             )
         rows.append(row)
     table = pl.DataFrame(rows)

@@ -8,7 +8,9 @@ only images, PDF and HTML inline) and a CSV to download.
 
 Rows come in the figures' variant order (``figures.variant_order``: most bits first, each
 shipped format right after the RTN variant of its bits, then the variants without bits),
-and a table with one variant per row gains a ``bits`` column beside ``variant``.
+and a table with one variant per row gains a ``bits`` column beside ``variant``. Each
+header of a documented table carries its column's description (``tables.schema.yaml``,
+`table_docs`) as a tooltip.
 """
 
 from __future__ import annotations
@@ -76,7 +78,19 @@ def report_table(
     note = f"{table.height} rows, {table.width} columns" + (
         f"; first {max_rows} shown" if table.height > max_rows else ""
     )
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in shown.columns)
+    about = column_help(Path(table_path).stem)
+    head = "".join(
+        f'<th title="{html.escape(about[c])}">{html.escape(c)}</th>'
+        if c in about
+        else f"<th>{html.escape(c)}</th>"
+        for c in shown.columns
+    )
+    hint = (
+        "<p>Point at a column's name for what it holds; every column of every table: "
+        "the report's page columns.html.</p>"
+        if about
+        else ""
+    )
     body = "\n".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in shown.iter_rows())
     name = html.escape(Path(table_path).stem)
     out.write_text(
@@ -90,13 +104,31 @@ th {{ background: #f0f0f0; position: sticky; top: 0; }}
 td.s {{ text-align: left; white-space: pre-wrap; max-width: 60em; }}
 tr:nth-child(even) td {{ background: #fafafa; }}
 </style></head>
-<body><h3>{name}</h3><p>{html.escape(note)}</p>
+<body><h3>{name}</h3><p>{html.escape(note)}</p>{hint}
 <table><thead><tr>{head}</tr></thead><tbody>
 {body}
 </tbody></table></body></html>
 """,
         encoding="utf-8",
     )
+
+
+BITS_HELP = "the variant's weight bits (config); empty for FP and variants without a bit-width"
+
+
+def column_help(table_name: str) -> dict[str, str]:
+    """Column -> its one-line description (and unit) from tables.schema.yaml, for the
+    header tooltips; the ``bits`` column this module adds included. Empty for a table the
+    schema does not document."""
+    from .table_docs import tables
+
+    doc = tables().get(table_name)
+    if doc is None:
+        return {}
+    found = {
+        c.name: c.description + (f" [{c.unit}]" if c.unit else "") for c in doc.columns.values()
+    }
+    return {"bits": BITS_HELP, **found}
 
 
 def _cell(value: object) -> str:

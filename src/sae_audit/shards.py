@@ -44,6 +44,9 @@ TOKEN_SCHEMA = pa.schema(
     ]
 )
 METADATA_KEY = b"sae_audit"
+# How well the SAE reconstructs the activations it encoded into the shard: sums that add
+# over shards (sae_audit.sae_quality), written into the footer when the shard is closed.
+QUALITY_KEY = b"sae_audit_quality"
 # Every directory of code shards carries a content manifest: Snakemake tracks a
 # directory() output by its own timestamp only, so a shard changed or truncated inside
 # it would otherwise be read as if encode had written it.
@@ -62,18 +65,29 @@ class ShardMetadata:
     token_start: int
     token_stop: int
     config_hash: str
+    # Positions of [token_start, token_stop) that carry no codes by design
+    # (encode.exclude_special_positions): no statistic counts them.
+    excluded: tuple[int, ...] = ()
 
     @property
     def n_tokens(self) -> int:
+        """Token positions the shard's range spans (its place in the token set)."""
         return self.token_stop - self.token_start
 
+    @property
+    def n_positions(self) -> int:
+        """Positions the statistics count: the range less the excluded positions."""
+        return self.n_tokens - len(self.excluded)
+
     def to_json(self) -> bytes:
-        return json.dumps({**asdict(self), "n_tokens": self.n_tokens}, sort_keys=True).encode()
+        data = {**asdict(self), "n_tokens": self.n_tokens, "excluded": list(self.excluded)}
+        return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> ShardMetadata:
         data = json.loads(raw)
         data.pop("n_tokens", None)
+        data["excluded"] = tuple(int(t) for t in data.get("excluded", ()))
         return cls(**data)
 
 
@@ -134,6 +148,10 @@ class CodeShardWriter:
             self.abort(e)  # raises OutputError naming the shard
             raise
         self.n_rows += table.num_rows
+
+    def set_quality(self, quality: Mapping[str, Any]) -> None:
+        """Record the SAE's reconstruction sums over this shard (a JSON object) in its footer."""
+        self._writer.add_key_value_metadata({QUALITY_KEY: json.dumps(dict(quality)).encode()})
 
     def close(self) -> None:
         try:
@@ -240,6 +258,24 @@ def read_metadata(path: str | Path) -> ShardMetadata:
         raise unreadable(path, e, "encode") from e
 
 
+def read_quality(path: str | Path) -> dict[str, Any]:
+    """The reconstruction sums encode recorded in a code shard's footer (set_quality)."""
+    path = Path(path)
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+    except (OSError, pa.ArrowException) as e:
+        raise unreadable(path, e, "encode") from e
+    if QUALITY_KEY not in meta:
+        raise InputError(
+            f"{path}: no '{QUALITY_KEY.decode()}' footer (written by an older sae-audit); "
+            f"{rerun_hint('encode')}"
+        )
+    try:
+        return dict(json.loads(meta[QUALITY_KEY]))
+    except (ValueError, TypeError) as e:
+        raise unreadable(path, e, "encode") from e
+
+
 def iter_code_batches(path: str | Path, batch_rows: int = 1 << 20) -> Iterator[pa.RecordBatch]:
     """Yield record batches of a code shard without loading it whole.
 
@@ -303,6 +339,10 @@ def row_keys(
     if feature.min() < 0 or feature.max() >= meta.d_sae:
         raise InputError(
             f"{path}: feature index outside [0, d_sae={meta.d_sae}); {rerun_hint('encode')}"
+        )
+    if meta.excluded and np.isin(token, meta.excluded).any():
+        raise InputError(
+            f"{path}: rows at positions the shard says it excludes; {rerun_hint('encode')}"
         )
     keys = token.astype(np.int64, copy=False) * meta.d_sae
     keys += feature  # casts in the add: no int64 copy of the features

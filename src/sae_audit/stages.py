@@ -198,6 +198,25 @@ def fixture_reparam(
     return record
 
 
+@stage
+def fixture_training(
+    *, artifacts: Mapping[str, str], out: str | Path, report: Paths = ()
+) -> pl.DataFrame:
+    """The fixture's training metrics, one row per trained artifact (model, SAE, twin SAE).
+
+    Read from the metrics.json each artifact's build recorded (a bundled copy carries its
+    build's), with whether it is the package's bundled artifact or was trained in this
+    run; `report` writes the table's report forms too (.html and/or .csv)."""
+    from .fixture_training import training_table
+    from .report_tables import report_table
+
+    table = training_table(artifacts)
+    write_parquet(table, out)
+    for form in report:
+        report_table(out, out=form)
+    return table
+
+
 # ---------------------------------------------------------------- tokens, checkpoints, codes
 @stage
 def tokenize(
@@ -381,18 +400,23 @@ def encode(
     codes_dir: str | Path,
     nll: str | Path,
     model_name: str,
+    bos: bool = False,
+    tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """Encode one token shard with every SAE of the model: codes_dir/<sae name>.parquet each.
 
     `sae_path` gives the directory of SAEs that live on disk (the fixture's, or a
-    configured path); the others load by release and id.
+    configured path); the others load by release and id. Each SAE's metadata says what
+    its input needs (`saes.sae_input`: centering, normalization, BOS); the log says what
+    was applied. With `encode.exclude_special_positions` the tokenizer's special tokens
+    are found in the shard and their positions excluded.
     """
     import torch
 
     from .checkpoints import load_checkpoint, read_manifest
     from .encode import EncodeConfig, EncodeTarget, encode_shard_multi
     from .models import ModelSpec, resolve_device
-    from .saes import check_compatible, load_sae
+    from .saes import check_compatible, load_sae, sae_input
 
     spec = section(ModelSpec, model)
     cfg = section(EncodeConfig, encode)
@@ -418,15 +442,43 @@ def encode(
     for name, sae_spec in saes.items():
         sae = load_sae(dict(sae_spec), device=device, path=(sae_path or {}).get(name))
         hook = check_compatible(net, sae)
+        prepared = sae_input(sae, name, bos)
+        log.info("SAE %r input: %s", name, prepared.describe())
+        if prepared.bos_mismatch:
+            log.warning(
+                "SAE %r was trained %s a BOS token at the start of each sequence but "
+                "models.%s.tokens.bos is %s: its codes are measured anyway (the sae_quality "
+                "table shows how well it reconstructs); set tokens.bos to %s to match it",
+                name,
+                "with" if prepared.prepend_bos else "without",
+                model_name,
+                str(bos).lower(),
+                str(prepared.prepend_bos).lower(),
+            )
         shard = Path(codes_dir) / f"{name}.parquet"
         shard_hash = encode_hash(model_params, encode_params, sae_spec)
-        targets.append(EncodeTarget(sae, hook, shard, name, config_hash=shard_hash))
+        targets.append(EncodeTarget(sae, hook, shard, name, config_hash=shard_hash, input=prepared))
+    special_ids: list[int] = []
+    if cfg.exclude_special_positions:
+        if tokenizer is None:
+            raise ValueError("encode.exclude_special_positions needs the tokenizer (--tokenizer)")
+        from .tokens import load_tokenizer
+
+        tok = load_tokenizer(tokenizer, revision=spec.revision)
+        special_ids = sorted({int(i) for i in tok.all_special_ids})
+        log.info("excluding positions of special tokens %s", special_ids)
     meta = {
         "model": model_name,
         "variant": manifest["variant"],
         "config_hash": encode_hash(model_params, encode_params),
     }
-    info = encode_shard_multi(net, targets, tokens, nll, meta, cfg, device)
+    info = encode_shard_multi(net, targets, tokens, nll, meta, cfg, device, special_ids)
+    log.info(
+        "%d positions encoded (%d excluded), L0 %s",
+        info["n_tokens"] - info["n_excluded"],
+        info["n_excluded"],
+        {k: round(v, 2) for k, v in info["l0"].items()},
+    )
     return info
 
 
@@ -548,6 +600,26 @@ def fp_stats(
     )
     write_parquet(table, out)
     return {"d_sae": table.height, "n_fired": int((table["firing_count"] > 0).sum())}
+
+
+@stage
+def sae_quality(
+    *, codes: Mapping[str, Paths], expect: Mapping[str, Any] | None = None, out: str | Path
+) -> pl.DataFrame:
+    """The SAE's quality on each variant's activations: explained variance, MSE, L0, dead fraction."""
+    from .sae_quality import sae_quality_table
+
+    table = sae_quality_table(codes, Expected.from_dict(expect))
+    write_parquet(table, out)
+    for row in table.iter_rows(named=True):
+        log.info(
+            "%s: explained variance %s, L0 %s, dead fraction %.3f",
+            row["variant"],
+            "n/a" if row["explained_variance"] is None else f"{row['explained_variance']:.4f}",
+            "n/a" if row["l0"] is None else f"{row['l0']:.2f}",
+            row["dead_fraction"],
+        )
+    return table
 
 
 @stage
@@ -847,3 +919,13 @@ def equal_bits(
     )
     write_parquet(table, out)
     return table
+
+
+@stage
+def table_docs(*, out: str | Path) -> dict[str, Any]:
+    """The columns of every output table (the package's tables.schema.yaml) as one page.
+
+    The format is `out`'s suffix: .html (the report's page), .md or .rst."""
+    from .table_docs import write_docs
+
+    return write_docs(out)

@@ -24,6 +24,28 @@ rule fp_stats:
         "sae-audit fp-stats --expect {params.expect:q} --codes {params.codes:q} --out {output:q} > {log:q} 2>&1"
 
 
+rule sae_quality:
+    "The SAE's quality on every variant's activations (explained variance, MSE, L0, dead fraction) from the code shards' footers."
+    input:
+        lambda w: [d for v in ALL_VARIANTS for d in code_dirs(w.model, v)],
+    output:
+        f"{R}/tables/{{model}}/{{sae}}/sae_quality.parquet",
+    log:
+        f"{R}/logs/sae_quality/{{model}}/{{sae}}.log",
+    benchmark:
+        f"{R}/benchmarks/sae_quality/{{model}}/{{sae}}.tsv"
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        codes=lambda w: [
+            f"{v}={p}" for v in ALL_VARIANTS for p in code_files(w.model, v, w.sae)
+        ],
+        expect=lambda w: shard_expectation(w.model, w.sae),
+    shell:
+        "sae-audit sae-quality --expect {params.expect:q} --codes {params.codes:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule correlate:
     "Per-feature Pearson r between FP and one variant's SAE codes, with its interval (analysis.confidence)."
     input:

@@ -109,6 +109,35 @@ def twin_sae_dir(model, sae):
     return f"{R}/fixture/sae-twin"
 
 
+# What the fixture learned, for the report: the trained artifacts this config uses, by
+# their bundle names (the model whenever a model, the planted control or the SAE builds
+# on it; the SAE and its twin where a basis reads the fixture SAE). Empty: no table.
+def fixture_trained_dirs():
+    uses_sae = any(
+        spec.get("source") == FIXTURE
+        for model in MODELS
+        for spec in model_cfg(model)["saes"].values()
+    )
+    uses_model = uses_sae or any(
+        model_cfg(model)["model"]["source"] in FIXTURE_MODEL_DIRS for model in MODELS
+    )
+    dirs = {"model": fixture_model_dir()} if uses_model else {}
+    if uses_sae:
+        dirs["sae"] = f"{R}/fixture/sae"
+        if config["fixture"]["sae"]["twin_seed"] is not None:
+            dirs["sae-twin"] = f"{R}/fixture/sae-twin"
+    return dirs
+
+
+def fixture_training_targets():
+    """The fixture's training table and its report forms, when the config uses the fixture."""
+    if not fixture_trained_dirs():
+        return []
+    return [f"{R}/tables/fixture_training.parquet"] + [
+        f"{R}/report/fixture_training.{ext}" for ext in ("html", "csv")
+    ]
+
+
 def seed_turnover_input(model, sae):
     """The basis's seed_turnover table where it has a twin SAE (else none), read by
     the survival summary."""
@@ -181,7 +210,8 @@ def all_targets():
         targets.append(f"{R}/tables/{model}/outliers.parquet")
         for sae in saes(model):
             targets += basis_targets(model, sae)
-    return targets
+    # the report's page of every output table's columns (rule table_docs)
+    return targets + fixture_training_targets() + [f"{R}/report/columns.html"]
 
 
 def basis_targets(model, sae):
@@ -190,6 +220,7 @@ def basis_targets(model, sae):
         f"{R}/tables/{model}/{sae}/{name}.parquet"
         for name in (
             "survival",
+            "sae_quality",
             "predict",
             "overlap",
             "stability",
@@ -249,7 +280,8 @@ def equal_bits_variants():
 def matched_files(model):
     """The matched-pruning search results of a model, by variant."""
     return {
-        v: f"{R}/matched/{model}/{v}.json" for v in audit_config.matched_variants(config)
+        v: f"{R}/matched/{model}/{v}.json"
+        for v in audit_config.matched_variants(config)
     }
 
 
@@ -292,6 +324,7 @@ FIGURE_FORMATS = figure_formats(config["report"]["figure_formats"])
 # Result tables (tables/{model}/NAME.parquet) the report shows (rule report_tables).
 REPORT_TABLES = [
     "survival",
+    "sae_quality",
     "perplexity",
     "predict",
     "overlap",

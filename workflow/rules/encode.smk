@@ -29,11 +29,13 @@ rule encode:
         model=lambda w: dumps(model_cfg(w.model)["model"]),
         saes=lambda w: dumps(model_cfg(w.model)["saes"]),
         encode=dumps(config["encode"]),
+        bos=lambda w: dumps(model_cfg(w.model)["tokens"]["bos"]),
+        tokenizer=tokenizer_source,
     shell:
         "sae-audit encode --model {params.model:q} --saes {params.saes:q} --encode {params.encode:q} "
         "--checkpoint {input.checkpoint:q} --sae-path {params.sae_path:q} "
         "--tokens {input.tokens:q}/shard-{wildcards.shard:q}.parquet --codes-dir {output.codes:q} --nll {output.nll:q} "
-        "--model-name {wildcards.model:q} > {log:q} 2>&1"
+        "--model-name {wildcards.model:q} --bos {params.bos:q} --tokenizer {params.tokenizer:q} > {log:q} 2>&1"
 
 
 rule sliding_perplexity:

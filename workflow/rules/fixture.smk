@@ -136,3 +136,40 @@ rule fixture_reparam:
         reparam=dumps(config["fixture"]["reparam"]),
     shell:
         "sae-audit fixture-reparam --reparam {params.reparam:q} --model {input.model:q} --out {output:q} > {log:q} 2>&1"
+
+
+# Per run, not per basis: one table (and its report forms) with a row per trained artifact,
+# captioned by workflow/report/tables.rst like the result tables of rule report_tables.
+rule fixture_training:
+    "Fixture training metrics: one row per trained fixture artifact (held-out vs unigram perplexity, SAE explained variance)."
+    input:
+        lambda w: list(fixture_trained_dirs().values()),
+    output:
+        table=f"{R}/tables/fixture_training.parquet",
+        html=report(
+            f"{R}/report/fixture_training.html",
+            caption="../report/tables.rst",
+            category="6. Tables",
+            subcategory="fixture",
+            labels={"table": "fixture_training"},
+        ),
+        csv=report(
+            f"{R}/report/fixture_training.csv",
+            caption="../report/tables.rst",
+            category="7. Tables (CSV download)",
+            subcategory="fixture",
+            labels={"table": "fixture_training"},
+        ),
+    log:
+        f"{R}/logs/fixture_training.log",
+    benchmark:
+        f"{R}/benchmarks/fixture_training.tsv"
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    threads: 1
+    params:
+        artifacts=lambda w: [f"{k}={v}" for k, v in fixture_trained_dirs().items()],
+    shell:
+        "sae-audit fixture-training --artifacts {params.artifacts:q} --out {output.table:q} "
+        "--report {output.html:q} {output.csv:q} > {log:q} 2>&1"

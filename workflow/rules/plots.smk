@@ -85,6 +85,35 @@ rule report_tables:
         "--variants {params.variants:q} > {log:q} 2>&1"
 
 
+# The columns of every output table, one page per run: rendered by `sae-audit table-docs`
+# from the package's tables.schema.yaml (sae_audit.table_docs), the file it reads as
+# input so that editing it re-renders the page. The tables' captions link to it.
+from sae_audit.table_docs import SCHEMA_PATH as TABLE_DOCS_SCHEMA
+
+
+rule table_docs:
+    "The columns of every output table (the package's tables.schema.yaml) as a report page."
+    input:
+        TABLE_DOCS_SCHEMA,
+    output:
+        report(
+            f"{R}/report/columns.html",
+            caption="../report/columns.rst",
+            category="6. Tables",
+            subcategory="columns of every table",
+            labels={"table": "columns"},
+        ),
+    log:
+        f"{R}/logs/plots/table_docs.log",
+    benchmark:
+        f"{R}/benchmarks/plots/table_docs.tsv"
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    shell:
+        "sae-audit table-docs --out {output:q} > {log:q} 2>&1"
+
+
 # The interactive per-feature table of one basis (sae_audit.feature_table): itables with
 # its JavaScript embedded, so the report shows it offline.
 rule feature_table:
