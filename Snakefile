@@ -69,6 +69,7 @@ include: "workflow/rules/compress.smk"
 include: "workflow/rules/encode.smk"
 include: "workflow/rules/diagnostics.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/causal.smk"
 include: "workflow/rules/plots.smk"
 
 

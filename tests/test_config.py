@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from sae_audit import config as audit_config
+from sae_audit.causal import CausalConfig
 from sae_audit.config import FROM_SCHEMA, ConfigError, ConfigSection, section_schema
 from sae_audit.damaged_contexts import ContextConfig
 from sae_audit.encode import EncodeConfig
@@ -60,6 +61,7 @@ SECTIONS: list[type[ConfigSection]] = [
     OverlapConfig,
     OutliersConfig,
     SeedTurnoverConfig,
+    CausalConfig,
 ]
 
 # Fields with no schema default, each for a reason the schema states.
@@ -253,6 +255,8 @@ NOT_A_PAIR: Any = (("a",),)
         (lambda: ContextConfig(n_contexts=0), "damaged_contexts.n_contexts", "minimum of 1"),
         (lambda: PerplexityConfig(window=1), "perplexity.window", "minimum of 2"),
         (lambda: OverlapConfig(pairs=NOT_A_PAIR), "overlap.pairs.0", "is too short"),
+        (lambda: CausalConfig(features_per_forward=0), "causal.features_per_forward", "minimum"),
+        (lambda: CausalConfig(kl_ratio_band=0.5), "causal.kl_ratio_band", "minimum of 1"),
     ],
 )
 def test_out_of_bounds_names_the_dotted_key(
@@ -275,6 +279,12 @@ def test_construction_and_validate_give_the_same_message() -> None:
 
 
 # ---------------------------------------------------------------- cross-field checks
+def _causal_config(**values: Any) -> Any:
+    from sae_audit.causal import CausalConfig  # imports torch: only when this case runs
+
+    return CausalConfig(**values)
+
+
 def _edit(section: str, **values: Any) -> Callable[[dict[str, Any]], None]:
     def edit(cfg: dict[str, Any]) -> None:
         node = cfg
@@ -292,6 +302,16 @@ def _edit(section: str, **values: Any) -> Callable[[dict[str, Any]], None]:
             _edit("analysis", survived=0.4, destroyed=0.5),
             lambda: SurvivalConfig(survived=0.4, destroyed=0.5),
             "config key 'analysis.destroyed': must not exceed 'analysis.survived' (0.5 > 0.4)",
+        ),
+        (
+            _edit("causal", survived=0.4, destroyed=0.5),
+            lambda: _causal_config(survived=0.4, destroyed=0.5),
+            "config key 'causal.destroyed': must not exceed 'causal.survived' (0.5 > 0.4)",
+        ),
+        (
+            _edit("causal", features="watchlist"),
+            lambda: _causal_config(features="watchlist"),
+            "config key 'causal.watchlist': causal.features is watchlist but no watchlist",
         ),
         (
             _edit("threshold_grid", survived=[0.2], destroyed=[0.5]),

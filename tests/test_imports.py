@@ -46,6 +46,7 @@ TABLE_MODULES = [
 # other function there is a table or plot stage, and what it imports must be torch-free.
 MODEL_STAGES = {
     "tokenize",
+    "causal",
     "compress",
     "match_sparsity",
     "encode",

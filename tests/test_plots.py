@@ -11,9 +11,11 @@ import re
 import shlex
 from pathlib import Path
 
+import matplotlib.colors
 import numpy as np
 import polars as pl
 import pytest
+from matplotlib.collections import PathCollection
 
 from sae_audit import config as audit_config
 from sae_audit import plots, report_tables
@@ -39,6 +41,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURE_INPUTS = {name: [Path(t).stem for t in fig.inputs] for name, fig in FIGURE_REGISTRY.items()}
 # Non-default class thresholds (the config's analysis slice).
 THRESHOLDS = {"active_rate": 0.001, "survived": 0.8, "destroyed": 0.3}
+# Non-default causal class thresholds (config causal.survived / causal.destroyed), which
+# the figures that draw them get under params["causal"].
+CAUSAL_THRESHOLDS = {"survived": 0.85, "destroyed": 0.4}
+# The causal table's variants: the noise null too (a control, drawn like the others).
+CAUSAL_VARIANTS = [*VARIANTS, "fp-noise"]
+DISSOCIATIONS = ("fires_same_acts_differently", "acts_same_fires_differently")
 
 
 def _classify(r: float) -> str:
@@ -345,6 +353,77 @@ def _damaged_contexts() -> pl.DataFrame:
     )
 
 
+def _dissociation(pearson: str | None, causal: str) -> str | None:
+    if pearson == "survived" and causal in ("blurred", "destroyed"):
+        return DISSOCIATIONS[0]
+    if pearson in ("blurred", "destroyed") and causal == "survived":
+        return DISSOCIATIONS[1]
+    return None
+
+
+def _causal(rng: np.random.Generator, n: int = 24) -> pl.DataFrame:
+    """causal.parquet (issue 14; columns: tables.schema.yaml) of n features per variant: the null run equal to FP
+    (r = agreement = 1 exactly), the noise null and rtn-int8 barely off, dissociations
+    planted in rtn-int4 (three that fire the same and act differently, two the reverse),
+    and in the matched pruning a causally insufficient feature (agreement stored as 0)
+    and a feature without r. Classes are the point cuts at 0.9 / 0.5."""
+    scale = {"rtn-int8": 1e-4, "rtn-int4": 0.3, "prune-matched-rtn-int4": 0.4}
+    scale |= {"fp-null": 0.0, "fp-noise": 1e-5}
+    rows = []
+    for v in CAUSAL_VARIANTS:
+        r = 1 - scale[v] * rng.uniform(0.05, 2.0, n)
+        agreement = 1 - scale[v] * rng.uniform(0.05, 2.0, n)
+        if v == "rtn-int4":
+            r[:3], agreement[:3] = 0.99, 0.2  # fires the same, acts differently
+            r[3:5], agreement[3:5] = 0.3, 0.97  # acts the same, fires differently
+        causal_class = [_classify(a) for a in agreement]
+        pearson_class: list[str | None] = [_classify(x) for x in r]
+        r_col: list[float | None] = [float(x) for x in r]
+        if v == "prune-matched-rtn-int4":
+            causal_class[5], agreement[5] = "insufficient", 0.0
+            r_col[6], pearson_class[6] = None, None
+        for f in range(n):
+            rows.append(
+                {"feature": f, "variant": v, "mean_when_firing": 1.5, "fp_fire_count": 40,
+                 "variant_fire_count": 40, "ablation_kl_fp": 0.02, "ablation_kl_variant": 0.02,
+                 "ablation_kl_r": float(agreement[f]), "ablation_kl_ratio": 1.0,
+                 "ablation_logit_cos": float(agreement[f]), "ablation_top_overlap_fraction": 0.9,
+                 "ablation_flag": "fp_silent" if causal_class[f] == "insufficient" else None,
+                 "steering_kl_fp": 0.1, "steering_kl_variant": 0.1,
+                 "steering_kl_r": float(agreement[f]), "steering_kl_ratio": 1.0,
+                 "steering_logit_cos": float(agreement[f]), "steering_top_overlap_fraction": 0.9,
+                 "steering_flag": None, "direct_logit_cos": 1.0, "direct_top_overlap_fraction": 1.0,
+                 "direct_flag": None, "causal_agreement": float(agreement[f]),
+                 "causal_class": causal_class[f], "r": r_col[f],
+                 "pearson_class": pearson_class[f],
+                 "dissociation": _dissociation(pearson_class[f], causal_class[f])}
+            )  # fmt: skip
+    text = ("ablation_flag", "steering_flag", "direct_flag", "pearson_class", "dissociation")
+    return pl.DataFrame(
+        rows,
+        schema_overrides={"feature": pl.Int32, "r": pl.Float64, **dict.fromkeys(text, pl.String)},
+    )
+
+
+def _causal_report_tables(causal: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """The causal report tables: the per-variant summary (sae_audit.causal_survival) and
+    the dissociated features with a context each."""
+    from sae_audit.causal_survival import causal_summary
+
+    columns = ["variant", "feature", "dissociation", "r", "pearson_class", "causal_agreement",
+               "causal_class", "ablation_kl_r", "ablation_logit_cos", "steering_kl_r",
+               "steering_logit_cos", "direct_logit_cos"]  # fmt: skip
+    rows = causal.filter(pl.col("dissociation").is_not_null()).select(columns)
+    disagreements = rows.with_columns(
+        pl.lit(1, dtype=pl.Int64).alias("context_rank"),
+        pl.lit(10, dtype=pl.Int64).alias("position"),
+        pl.lit("the ⟦cat⟧ sat").alias("context"),
+        pl.lit(2.0).alias("fp_value"),
+        pl.lit(1.9).alias("variant_value"),
+    )
+    return {"causal_survival": causal_summary(causal), "causal_disagreements": disagreements}
+
+
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory) -> dict[str, Path]:
     rng = np.random.default_rng(0)
@@ -367,7 +446,9 @@ def tables(tmp_path_factory) -> dict[str, Path]:
         "equal_bits": _equal_bits(),
         "outliers": _outliers(),
         "sae_quality": _sae_quality(),
+        "causal": _causal(np.random.default_rng(1)),
     }
+    frames |= _causal_report_tables(frames["causal"])
     paths = {}
     for name, frame in frames.items():
         paths[name] = out / f"{name}.parquet"
@@ -382,7 +463,7 @@ def _assert_png(path: Path, min_bytes: int = 5_000) -> None:
 
 
 def test_figure_inputs_cover_figures(tables):
-    assert len(FIGURE_INPUTS) == 11
+    assert len(FIGURE_INPUTS) == 12
     for name, stems in FIGURE_INPUTS.items():
         assert stems and set(stems) <= set(tables), name
 
@@ -462,7 +543,8 @@ def test_figures_draw_the_configured_thresholds(params, tables, tmp_path, monkey
             fig.draw(
                 *(tables[t] for t in FIGURE_INPUTS[name]),
                 out=tmp_path / f"{name}.png",
-                params=params,
+                # the causal thresholds ride along only to the figures that draw them
+                params={**params, "causal": CAUSAL_THRESHOLDS} if params and fig.causal else params,
             )
     assert {n for n, f in FIGURE_REGISTRY.items() if f.thresholds} == set(captured)
 
@@ -490,6 +572,26 @@ def test_figures_draw_the_configured_thresholds(params, tables, tmp_path, monkey
         by_variant["rtn-int4"], by_variant["prune-matched-rtn-int4"], bins=[-0.5, 0.5, 1.5, 2.5]
     )[0]
     assert cells == [int(c) for c in expected.ravel()]
+
+    # causal vs Pearson: the Pearson cuts as dashed verticals on 1 - r, the causal cuts
+    # (params["causal"], the schema's 0.9 / 0.5 without it) as dash-dotted horizontals
+    c_survived, c_destroyed = (0.9, 0.5) if params is None else (0.85, 0.4)
+    causal_cuts = {round(1 - c_survived, 6), round(1 - c_destroyed, 6)}
+    causal_fig, causal_axes = captured["causal_vs_pearson"]
+    assert all(_vlines(ax) == cuts for ax in causal_axes)
+    for ax in causal_axes:
+        hlines = {
+            round(float(line.get_ydata()[0]), 6)
+            for line in ax.lines
+            if line.get_linestyle() == "-." and len(set(line.get_ydata())) == 1
+        }
+        assert hlines == causal_cuts
+    assert f"dash-dotted at {1 - c_survived:.3g} / {1 - c_destroyed:.3g}" in (
+        causal_fig.get_suptitle()
+    )
+    legend = " ".join(t.get_text() for t in causal_fig.legends[0].get_texts())
+    assert f"r = {survived:g} / {destroyed:g}" in legend
+    assert f"agreement = {c_survived:g} / {c_destroyed:g}" in legend
 
 
 def test_figure_structure(tables, tmp_path, monkeypatch):
@@ -664,15 +766,17 @@ def test_workflow_has_one_rule_per_registered_figure(tmp_path):
         assert f"    log: results/logs/plots/fixture/res/{name}.log\n" in body
         assert f"    benchmark: results/benchmarks/plots/fixture/res/{name}.tsv\n" in body
         params = shells[name].split(" --inputs ")[0]
-        assert (
-            params
-            == (
-                """--analysis '{"active_rate":0.001,"confidence":0.95,"destroyed":0.5,"survived":0.9}'"""
-                if fig.thresholds
-                else "--analysis '{}'"
-            )
-            + f" --variants {variants}"
-        ), name
+        analysis = {
+            # the causal class thresholds, under "causal", for the figure that draws them
+            (True, True): """'{"active_rate":0.001,"causal":{"destroyed":0.5,"survived":0.9},"""
+            """"confidence":0.95,"destroyed":0.5,"survived":0.9}'""",
+            (
+                True,
+                False,
+            ): """'{"active_rate":0.001,"confidence":0.95,"destroyed":0.5,"survived":0.9}'""",
+            (False, False): "'{}'",
+        }[(fig.thresholds, fig.causal)]
+        assert params == f"--analysis {analysis} --variants {variants}", name
 
 
 @pytest.mark.slow
@@ -870,9 +974,12 @@ def test_cli_plot_passes_the_variant_bits(shipped_tables, tmp_path, monkeypatch)
 def test_report_tables_cover_configured(tables, tmp_path):
     """Every table the report shows converts to CSV and HTML."""
     text = (ROOT / "workflow" / "rules" / "common.smk").read_text()
-    m = re.search(r"^REPORT_TABLES\s*=\s*(\[.*?\])", text, flags=re.S | re.M)
+    # the list's names, those added under a condition (causal.enabled) too
+    m = re.search(r"^REPORT_TABLES\s*=\s*\[(.*?)^\]", text, flags=re.S | re.M)
     assert m, "REPORT_TABLES list not found in common.smk"
-    for name in ast.literal_eval(m[1]):
+    names = [ast.literal_eval(q) for q in re.findall(r"\"[a-z_]+\"", m[1])]
+    assert {"survival", "causal_survival", "causal_disagreements"} <= set(names)
+    for name in names:
         for ext in ("csv", "html"):
             out = tmp_path / f"{name}.{ext}"
             report_tables.report_table(tables[name], out=out)
@@ -1152,3 +1259,111 @@ def test_workflow_writes_the_requested_figure_formats(tmp_path):
     )
     assert len(shells) == len(FIGURE_REGISTRY)
     assert all(outs.endswith(".pdf") for _, outs in shells)
+
+
+# ---------------------------------------------------------------- causal survival (issue 14)
+def _title_counts(title: str) -> dict[str, int]:
+    """The dissociation counts a causal_vs_pearson panel title states."""
+    counts = dict(re.findall(r"(fires same/acts diff\.|acts same/fires diff\.): (\d+)", title))
+    return {
+        DISSOCIATIONS[0]: int(counts["fires same/acts diff."]),
+        DISSOCIATIONS[1]: int(counts["acts same/fires diff."]),
+    }
+
+
+def test_causal_vs_pearson_counts_the_dissociations(tables, tmp_path, monkeypatch):
+    """One panel per variant in display order, the null runs included; each title counts
+    the dissociations of the table; the points coloured by kind, two colours apart from
+    the grey of agreement; a variant equal to FP all in the lower-left corner (1, 1)."""
+    captured = _spy_save(monkeypatch)
+    plots.causal_vs_pearson(tables["causal"], out=tmp_path / "c.png")
+    _assert_png(tmp_path / "c.png")
+    fig, axes = captured["c"]
+    table = pl.read_parquet(tables["causal"])
+    order = plots._variant_order(CAUSAL_VARIANTS)
+    assert order[-2:] == ["fp-null", "fp-noise"]  # the controls drawn, last
+    assert [ax.get_title().split("\n")[0] for ax in axes] == order
+    limits = {(ax.get_xlim(), ax.get_ylim()) for ax in axes}
+    assert len(limits) == 1  # one range for every panel
+    (((low, top), (low_y, top_y)),) = limits
+    assert low == low_y and top == top_y >= 2.0
+    assert all(ax.get_xscale() == ax.get_yscale() == "log" for ax in axes)
+    colors = {kind: plots.DISSOCIATION_STYLE[kind][0] for kind in DISSOCIATIONS}
+    assert len({*colors.values(), plots.AGREE_COLOR}) == 3
+    for ax in axes:
+        variant = ax.get_title().split("\n")[0]
+        part = table.filter(pl.col("variant") == variant)
+        expected = {k: int((part["dissociation"] == k).sum()) for k in DISSOCIATIONS}
+        assert _title_counts(ax.get_title()) == expected, variant
+        assert f"n={part.height}" in ax.get_title()
+        drawn = {c.get_label(): c for c in ax.collections if c.get_label() in DISSOCIATIONS}
+        for kind in DISSOCIATIONS:
+            assert len(drawn[kind].get_offsets()) == expected[kind]
+            if expected[kind]:
+                assert matplotlib.colors.to_hex(drawn[kind].get_facecolor()[0]) == colors[kind]
+    by_variant = {ax.get_title().split("\n")[0]: ax for ax in axes}
+    # the planted cases: three that fire the same and act differently, two the reverse,
+    # at their damage (1 - r, 1 - agreement)
+    planted = by_variant["rtn-int4"]
+    counts = _title_counts(planted.get_title())
+    assert counts[DISSOCIATIONS[0]] >= 3 and counts[DISSOCIATIONS[1]] >= 2
+    fires_same = {c.get_label(): c for c in planted.collections}[DISSOCIATIONS[0]]
+    assert any(np.allclose(xy, (0.01, 0.8)) for xy in fires_same.get_offsets())
+    # the null run equals FP: every point in the corner, counted at (1, 1), none dissociated
+    null = by_variant["fp-null"]
+    assert "at (1, 1): 24" in null.get_title()
+    points = np.concatenate(
+        [c.get_offsets() for c in null.collections if isinstance(c, PathCollection)]
+    )
+    corner = points.min()
+    assert len(points) == 24 and np.allclose(points, corner) and low < corner < 1e-4
+    others = [
+        c.get_offsets() for ax in axes for c in ax.collections if isinstance(c, PathCollection)
+    ]
+    assert corner <= min(float(o.min()) for o in others if len(o))  # the lower-left corner
+    # causally insufficient (agreement stored as 0) hollow and counted; no r: counted
+    pruned = by_variant["prune-matched-rtn-int4"].get_title()
+    assert "causally insufficient: 1" in pruned and "no r or agreement: 1" in pruned
+    assert "lower-left corner" in fig.get_suptitle()
+
+
+def test_causal_vs_pearson_without_measurements(tables, tmp_path, monkeypatch):
+    """causal.enabled false writes the table with no row: the figure says so."""
+    empty = tmp_path / "causal.parquet"
+    pl.read_parquet(tables["causal"]).clear().write_parquet(empty)
+    captured = _spy_save(monkeypatch)
+    plots.causal_vs_pearson(empty, out=tmp_path / "e.png")
+    _assert_png(tmp_path / "e.png", min_bytes=2_000)
+    (ax,) = captured["e"][1]
+    assert "no causal measurements" in " ".join(t.get_text() for t in ax.texts)
+
+
+def test_causal_thresholds_reach_the_figure(tables, tmp_path):
+    """Figure.rule_params: the analysis slice for threshold figures, with the causal class
+    thresholds under "causal" only for the one that draws them; `sae-audit plot` passes
+    them on, and the Pearson thresholds read past the extra key."""
+    config = audit_config.load(TEST_CONFIG)
+    causal_fig = get_figure("causal_vs_pearson")
+    assert causal_fig.thresholds and causal_fig.causal
+    assert causal_fig.category == get_figure("correlation_histograms").category
+    assert causal_fig.rule_params(config) == {
+        **config["analysis"],
+        "causal": {k: config["causal"][k] for k in ("survived", "destroyed")},
+    }
+    assert get_figure("correlation_histograms").rule_params(config) == config["analysis"]
+    assert get_figure("stability").rule_params(config) == {}
+    params = {**THRESHOLDS, "causal": CAUSAL_THRESHOLDS}
+    assert plots.thresholds(params).survived == 0.8
+    assert plots.causal_thresholds(params).destroyed == 0.4
+    assert plots.causal_thresholds(None).survived == 0.9  # the schema's default
+    with pytest.raises(ValueError, match=r"causal\.destroyed"):
+        plots.causal_thresholds({"causal": {"survived": 0.3, "destroyed": 0.6}})
+    out = tmp_path / "cli.png"
+    args = ["--inputs", str(tables["causal"]), "--out", str(out)]
+    assert cli_main(["plot", "causal_vs_pearson", "--analysis", json.dumps(params), *args]) == 0
+    _assert_png(out)
+    from sae_audit.figures import register_figure
+
+    with pytest.raises(ValueError, match="thresholds=True"):
+        register_figure("x_causal_only", ["{model}/{sae}/causal.parquet"], "1. X", causal=True)
+    assert "x_causal_only" not in FIGURE_REGISTRY

@@ -190,3 +190,43 @@ def test_no_active_feature_gives_null_shares_not_a_crash(tables: Path, tmp_path:
     assert predicted["auc_mean"].null_count() == 2
     assert all("no active features" in r for r in predicted["reason"])
     assert pl.read_parquet(tmp_path / "survival_by_quantile.parquet").height == 0
+
+
+def test_causal_stage_through_the_cli(audit: Path, tables: Path, tmp_path: Path):  # noqa: F811
+    """`sae-audit causal` on the real fp / rtn-int8 / rtn-int2 checkpoints: the FP model
+    against itself agrees exactly; a variant gives one finite row per selected feature."""
+    from sae_audit.causal import COLUMNS
+
+    causal = {"n_features": 4, "n_sequences": 4, "batch_size": 2, "features_per_forward": 3}
+    common = ["--model", json.dumps(MODEL_PARAMS), "--saes", json.dumps({"res": _sae_spec(audit / "sae")}),
+              "--encode", json.dumps(ENCODE_PARAMS), "--causal", json.dumps(causal),
+              "--analysis", json.dumps(ANALYSIS), "--fp-checkpoint", audit / "checkpoints/fp",
+              "--tokens", *[audit / f"tokens/shard-{i:03d}.parquet" for i in range(N_SHARDS)],
+              "--fp-stats", tables / "fp_stats.parquet"]  # fmt: skip
+    for variant in ("fp", "rtn-int2"):
+        run("causal", *common, "--checkpoint", audit / f"checkpoints/{variant}",
+            "--out", tmp_path / f"{variant}.parquet")  # fmt: skip
+    same = pl.read_parquet(tmp_path / "fp.parquet")
+    assert same.columns == list(COLUMNS) and same.height == 4
+    assert same["variant"].unique().to_list() == ["fp"]
+    assert same["causal_agreement"].to_list() == [1.0] * 4
+    assert same["causal_class"].to_list() == ["survived"] * 4
+    damaged = pl.read_parquet(tmp_path / "rtn-int2.parquet")
+    assert damaged["feature"].to_list() == same["feature"].to_list()
+    assert damaged["variant"].unique().to_list() == ["rtn-int2"]
+    assert set(damaged["causal_class"]) <= {"survived", "blurred", "destroyed", "insufficient"}
+    stats = pl.read_parquet(tables / "fp_stats.parquet")
+    top = stats.sort(["firing_count", "feature"], descending=[True, False]).head(4)
+    assert same["feature"].to_list() == top["feature"].to_list()
+    # without special tokens in the shards, leaving them unablated changes nothing
+    excluding = [
+        *common,
+        "--encode",
+        json.dumps({**ENCODE_PARAMS, "exclude_special_positions": True}),
+    ]
+    run("causal", *excluding, "--tokenizer", audit / "model", "--checkpoint", audit / "checkpoints/fp",
+        "--out", tmp_path / "excluding.parquet")  # fmt: skip
+    assert pl.read_parquet(tmp_path / "excluding.parquet").equals(same)
+    run("causal", *common, "--causal", json.dumps({**causal, "enabled": False}),
+        "--checkpoint", audit / "checkpoints/rtn-int2", "--out", tmp_path / "off.parquet")  # fmt: skip
+    assert pl.read_parquet(tmp_path / "off.parquet").columns == list(COLUMNS)

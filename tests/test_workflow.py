@@ -60,6 +60,14 @@ def test_end_to_end_outputs(finished_run: Path):
     assert by_variant["fp-null"]["explained_variance"] == fp_quality["explained_variance"]
     assert by_variant["rtn-int2"]["explained_variance"] != fp_quality["explained_variance"]
     assert quality.null_count().sum_horizontal().item() == 0
+    # Causal survival beside Pearson survival, every variant; the FP model run again
+    # acts exactly as FP does.
+    causal = pl.read_parquet(results / "tables/fixture/res/causal_survival.parquet")
+    assert set(causal["variant"]) == set(summary["variant"])
+    null_causal = causal.filter(pl.col("variant") == "fp-null").row(0, named=True)
+    assert null_causal["median_causal_agreement"] == 1.0
+    assert null_causal["causal_survived_pct"] == 100.0
+    assert (results / "figures/fixture/res/causal_vs_pearson.png").is_file()
 
 
 @pytest.mark.slow
@@ -270,3 +278,15 @@ def test_special_positions_are_left_out_of_every_statistic(tmp_path: Path):
         assert not tokens.is_in(starts).any()
     log = (results / "logs/encode/fixture/fp/shard-000.log").read_text()
     assert "excluding positions of special tokens [0]" in log
+
+
+def test_causal_survival_can_be_turned_off(tmp_path: Path):
+    """causal.enabled: false plans no causal job, table or figure."""
+
+    def edit(c):
+        c["causal"] = {"enabled": False}
+
+    jobs = planned_jobs(snakemake(tmp_path, edited_config(tmp_path, "nocausal", edit), "-n"))
+    assert jobs and not {"causal", "causal_survival", "plot_causal_vs_pearson"} & set(jobs)
+    on = planned_jobs(snakemake(tmp_path, TEST_CONFIG, "-n"))
+    assert on["causal"] == 6 and on["causal_survival"] == 1

@@ -113,6 +113,11 @@ def _flag(param: inspect.Parameter) -> tuple[dict[str, Any], Callable[[Any], Any
 # option of that name is something else. A config section's option takes its help from
 # the schema's description of the section instead (`_section_help`).
 OPTION_HELP: dict[str, str] = {
+    "causal_survival.causal": "each variant's causal table (`sae-audit causal`), VARIANT=PATH",
+    "causal_survival.out": "the per-feature table of both measures to write (parquet)",
+    "causal_survival.summary_out": "the per-variant summary to write (parquet, and a .csv beside it)",
+    "causal_survival.disagreements_out": "the disagreements with their contexts to write "
+    "(parquet, and a .csv beside it)",
     "survival.matched": "NAME=PATH: each matched-pruning variant's search result (`sae-audit match-sparsity`), for the sparsity column",
     "feature_table.contexts": "the damaged_contexts table (`sae-audit damaged-contexts`): top FP contexts",
     "feature_table.sae_spec": "JSON: the SAE's config entry (models.<name>.saes.<sae>); a release and sae_id give a Neuronpedia link",
@@ -170,6 +175,16 @@ OPTION_HELP: dict[str, str] = {
     "twin": "the twin SAE's directory: the same SAE trained with another seed",
     "variant": "the variant's code shards under the same SAE",
     "variant_name": "the variant's name, checked against its shards",
+    "causal.fp_checkpoint": "the FP model's checkpoint directory (`sae-audit compress "
+    "--variant fp`): the reference the variant's effects are compared with",
+    "causal.checkpoint": "the variant's checkpoint directory (`sae-audit compress`)",
+    "causal.sae_path": "the SAE if it lives on disk, NAME=DIRECTORY (NAME the one key of "
+    "--saes); else it loads by release and id",
+    "causal.tokens": "the evaluation token shards; the first causal.n_sequences sequences "
+    "are the ablation contexts and steering prompts",
+    "causal.tokenizer": "the tokenizer (a hub id or a local directory) whose special "
+    "tokens encode.exclude_special_positions leaves unablated",
+    "causal.out": "the per-feature causal survival table to write (parquet)",
     "compress.out": "the checkpoint directory to write",
     "compress.variant": "the variant to make, e.g. rtn-int6, prune-matched-rtn-int6, lc-gptq-w4a16",
     "encode.nll": "the NLL shard to write (per-token negative log-likelihood)",

@@ -274,6 +274,28 @@ def check_survival_thresholds(analysis: Mapping[str, Any], where: str = "analysi
         )
 
 
+def check_causal(causal: Mapping[str, Any]) -> None:
+    """causal: its class thresholds in order, and a watchlist when it is the selection."""
+    check_survival_thresholds(causal, "causal")
+    if causal["features"] == "watchlist" and not causal.get("watchlist"):
+        raise ConfigError(
+            "config key 'causal.watchlist': causal.features is watchlist but no watchlist "
+            "file is given (a text file of feature ids, one per line)"
+        )
+
+
+def _check_causal(config: dict[str, Any]) -> None:
+    causal = config.get("causal")
+    if not causal:
+        return
+    check_causal(causal)
+    if causal["features"] == "watchlist" and not Path(causal["watchlist"]).is_file():
+        raise ConfigError(
+            f"config key 'causal.watchlist': {causal['watchlist']} is not a file (a text "
+            "file of feature ids, one per line; relative to the working directory)"
+        )
+
+
 def check_threshold_grid(grid: Mapping[str, Any], where: str = "threshold_grid") -> None:
     survived, destroyed = list(grid["survived"]), list(grid["destroyed"])
     if not any(d <= s for s in survived for d in destroyed):
@@ -378,6 +400,7 @@ def _cross_check(config: dict[str, Any]) -> None:
     _check_variants(config)
     _check_shipped(config)
     _check_analysis(config)
+    _check_causal(config)
     _check_fixture(config)
     for model, spec in config["models"].items():
         sae_sources = [sae.get("source") for sae in spec["saes"].values()]

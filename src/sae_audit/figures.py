@@ -12,7 +12,9 @@ plotting function is ``sae_audit.plots.<function>``, imported only when a figure
 
 Adding a figure: write ``plots.NAME(*input_paths, out, variants=None)`` (plus
 ``params=None`` before ``variants`` when it draws the class thresholds), register it
-here, and write workflow/report/NAME.rst.
+here, and write workflow/report/NAME.rst. A figure that also draws the causal class
+thresholds (``causal.survived`` / ``causal.destroyed``) registers with ``causal=True``
+as well: its params then hold them under the key ``causal`` (``Figure.rule_params``).
 
 The display order of variants is here too (``variant_order``), shared by the figures
 and the report tables: by weight bits, most first, each shipped format (llm-compressor,
@@ -111,6 +113,9 @@ class Figure:
     thresholds: the function draws the class thresholds (reference lines, class cells)
         and takes the config's ``analysis`` slice as ``params`` (active_rate, survived,
         destroyed); the rule passes it, so a changed threshold re-draws the figure.
+    causal: the function also draws the causal class thresholds: ``params`` holds
+        ``causal.survived`` and ``causal.destroyed`` under the key ``causal`` beside the
+        ``analysis`` slice (``rule_params``); needs ``thresholds``.
 
     Every function also takes ``variants``, the weight bits per variant
     (``config.variant_bits``), which orders and groups the variants it draws.
@@ -122,6 +127,21 @@ class Figure:
     category: str
     function: str
     thresholds: bool = False
+    causal: bool = False
+
+    def rule_params(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """What the figure's rule passes as ``--analysis`` (and so what re-draws it): nothing
+        for a figure without thresholds; the config's ``analysis`` slice for one with them;
+        plus, for a figure that draws the causal thresholds, ``{"causal": {"survived": ..,
+        "destroyed": ..}}`` from the config's ``causal`` section (keys it lacks: the
+        schema's defaults apply in the figure)."""
+        if not self.thresholds:
+            return {}
+        params = dict(config["analysis"])
+        if self.causal:
+            causal = config.get("causal") or {}
+            params["causal"] = {k: causal[k] for k in ("survived", "destroyed") if k in causal}
+        return params
 
     def input_paths(self, tables_dir: str | Path, model: str, sae: str) -> list[Path]:
         """The figure's inputs for one (model, SAE) under a ``tables`` directory."""
@@ -141,8 +161,9 @@ class Figure:
     ) -> None:
         """Draw the figure from its input tables into ``out``, one path or several (one per
         format, ``FIGURE_FORMATS``, told by the suffix); ``params`` is the ``analysis``
-        config slice (only for figures that draw thresholds), ``variants`` the weight bits
-        per variant (``config.variant_bits``)."""
+        config slice (only for figures that draw thresholds; with the causal thresholds
+        under ``causal`` for those that draw them, ``rule_params``), ``variants`` the
+        weight bits per variant (``config.variant_bits``)."""
         if len(inputs) != len(self.inputs):
             raise FigureCallError(
                 f"figure {self.name!r} reads {len(self.inputs)} table(s) "
@@ -179,12 +200,15 @@ def register_figure(
     caption: str | None = None,
     function: str | None = None,
     thresholds: bool = False,
+    causal: bool = False,
 ) -> Figure:
     """Add a figure (caption defaults to NAME.rst, function to NAME)."""
     if name in FIGURE_REGISTRY:
         raise ValueError(f"figure {name!r} is already registered")
     if not inputs:
         raise ValueError(f"figure {name!r} reads no table")
+    if causal and not thresholds:
+        raise ValueError(f"figure {name!r}: causal thresholds come with thresholds=True")
     fig = Figure(
         name=name,
         inputs=tuple(inputs),
@@ -192,6 +216,7 @@ def register_figure(
         category=category,
         function=function or name,
         thresholds=thresholds,
+        causal=causal,
     )
     FIGURE_REGISTRY[name] = fig
     return fig
@@ -222,6 +247,14 @@ register_figure("class_fractions_vs_bits", [f"{_BASIS}/survival.parquet"], SURVI
 # Beside the survival curve: why the model is (or is not) fragile; one table per model.
 register_figure("outlier_diagnostics", ["{model}/outliers.parquet"], SURVIVAL)
 register_figure("correlation_histograms", [f"{_BASIS}/features.parquet"], SURVIVAL, thresholds=True)
+# Causal survival (issue 14) beside Pearson survival: does a feature still do what it did?
+register_figure(
+    "causal_vs_pearson",
+    [f"{_BASIS}/causal.parquet"],
+    SURVIVAL,
+    thresholds=True,
+    causal=True,
+)
 register_figure("perplexity_vs_bits", ["{model}/perplexity.parquet"], PERPLEXITY)
 register_figure("perplexity_vs_damage", [f"{_BASIS}/survival.parquet"], PERPLEXITY)
 register_figure(

@@ -3,8 +3,9 @@
 Every figure is registered in ``sae_audit.figures`` (its input tables, caption and
 report category) and has the signature ``name(*input_paths, out, variants=None)``, or
 ``name(*input_paths, out, params=None, variants=None)`` when it draws the class
-thresholds (``params`` is the config's ``analysis`` slice; without it the schema's
-defaults apply). ``variants`` is the weight bits per variant (``config.variant_bits``):
+thresholds (``params`` is the config's ``analysis`` slice, and for a figure that draws
+the causal classes too, ``causal.survived`` / ``causal.destroyed`` under the key
+``causal``; without them the schema's defaults apply). ``variants`` is the weight bits per variant (``config.variant_bits``):
 variants are drawn in ``figures.variant_order`` (most bits first, each shipped format
 right after the RTN variant of its bits) and the "vs bits" figures put shipped formats
 at their bits beside RTN; without it only RTN names carry bits.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.text import Annotation, Text
 
+from .config import FROM_SCHEMA, ConfigSection, check_survival_thresholds
 from .figures import VariantBits, variant_bits, variant_order_key
 from .survival import CLASSES, SurvivalConfig
 from .variants import Variant, parse_variant
@@ -93,11 +96,35 @@ DAMAGE_FLOOR = 1e-6
 sns.set_theme(style="whitegrid", context="paper")
 
 
+# The key of ``params`` that holds the causal class thresholds (figures.Figure.rule_params).
+CAUSAL_PARAMS = "causal"
+
+
+@dataclass(frozen=True)
+class CausalThresholds(ConfigSection, section="causal"):
+    """The causal class thresholds a figure draws (config ``causal.survived`` /
+    ``causal.destroyed``, on the causal agreement); sae_audit.causal.CausalConfig holds
+    the same keys, but importing it imports torch."""
+
+    survived: float = FROM_SCHEMA
+    destroyed: float = FROM_SCHEMA
+
+    def _check(self) -> None:
+        check_survival_thresholds(self.to_dict(), "causal")
+
+
 # ---------------------------------------------------------------- helpers
 def thresholds(params: Mapping[str, Any] | None = None) -> SurvivalConfig:
     """The class thresholds a figure draws: the ``analysis`` config slice the rule passes,
     the schema's defaults for any key it lacks (all of them when called without params)."""
-    return SurvivalConfig.from_dict(params or {})
+    return SurvivalConfig.from_dict({k: v for k, v in (params or {}).items() if k != CAUSAL_PARAMS})
+
+
+def causal_thresholds(params: Mapping[str, Any] | None = None) -> CausalThresholds:
+    """The causal class thresholds a figure draws: ``params["causal"]`` (the rule passes
+    the config's ``causal.survived`` / ``causal.destroyed`` there), the schema's defaults
+    for any key it lacks."""
+    return CausalThresholds.from_dict((params or {}).get(CAUSAL_PARAMS) or {})
 
 
 def damage_cuts(params: Mapping[str, Any] | None = None) -> tuple[float, float]:
@@ -1324,3 +1351,213 @@ def _ratio_scale(ax: Axes, table: pl.DataFrame, cols: Sequence[str], bars: bool 
             ax.set_ylim(0.8, 5.0 * float(values.max()))
     elif bars:
         ax.set_ylim(0, 1.45 * float(values.max()) if values.size else 1.0)  # room for the legend
+
+
+# The two ways causal and Pearson survival disagree (causal.parquet's ``dissociation``):
+# a colour each, far from each other and from the grey of the features where they agree.
+DISSOCIATION_STYLE = {
+    "fires_same_acts_differently": (
+        "#d62828",
+        "fires the same, acts differently\n(Pearson survived, causally blurred/destroyed)",
+    ),
+    "acts_same_fires_differently": (
+        "#0077b6",
+        "acts the same, fires differently\n(causally survived, Pearson blurred/destroyed)",
+    ),
+}
+AGREE_COLOR = "#9aa0a6"
+_DISSOCIATION_SHORT = {
+    "fires_same_acts_differently": "fires same/acts diff.",
+    "acts_same_fires_differently": "acts same/fires diff.",
+}
+
+
+def dissociation_counts(part: pl.DataFrame) -> dict[str, int]:
+    """Rows of each dissociation kind in a part of causal.parquet (0 for a kind absent)."""
+    kinds = part["dissociation"].cast(pl.String).to_list()
+    return {k: sum(1 for x in kinds if x == k) for k in DISSOCIATION_STYLE}
+
+
+def causal_vs_pearson(
+    causal_path: str | Path,
+    out: str | Path,
+    params: Mapping[str, Any] | None = None,
+    variants: VariantBits | None = None,
+) -> None:
+    """Per feature of the causal table (a selected subset of the active features), its
+    Pearson damage 1 - r (x) against its causal damage 1 - causal agreement (y), one facet
+    per variant in display order, the null runs included (they are the controls); both
+    axes logarithmic and the same in every panel, from just below the table's smallest
+    positive damage (never below ``DAMAGE_FLOOR``) to 2 (r or agreement = -1), so the
+    small damage of mild variants is spread out; smaller damage is drawn at that floor,
+    just inside the axes, so a variant equal to FP puts every point in the lower-left
+    corner (r = agreement = 1). Dashed vertical lines: the Pearson class thresholds (``params``, the
+    ``analysis`` slice); dash-dotted horizontal lines: the causal ones (``params["causal"]``).
+    Points are coloured by the table's ``dissociation`` (the classes, not the position:
+    they also cut r's interval and the KL ratios), grey where the two agree; causally
+    insufficient features (agreement undefined, stored as 0) hollow. Each title counts
+    the features, those at (1, 1), and each dissociation kind."""
+    t, c = thresholds(params), causal_thresholds(params)
+    table = pl.read_parquet(causal_path)
+    title = "Causal vs Pearson survival per feature"
+    if table.height == 0:
+        _message_figure(
+            out,
+            title,
+            "no causal measurements\n(causal.enabled is false, or no feature was selected)",
+        )
+        return
+    table = table.with_columns(
+        pl.col("variant").cast(pl.String),
+        pl.col("dissociation").cast(pl.String),
+        (1.0 - pl.col("r").cast(pl.Float64).clip(-1.0, 1.0)).alias("_x"),
+        (1.0 - pl.col("causal_agreement").cast(pl.Float64).clip(-1.0, 1.0)).alias("_y"),
+        (_finite("r") & _finite("causal_agreement")).alias("_valid"),
+    )
+    order = _variant_order(table["variant"], variants)
+    valid = table.filter(pl.col("_valid"))
+    positive = np.concatenate([valid["_x"].to_numpy(), valid["_y"].to_numpy()])
+    positive = positive[positive > 0]
+    # one range for every panel, from half a decade or more below the smallest damage
+    low = DAMAGE_FLOOR
+    if positive.size:
+        low = max(DAMAGE_FLOOR, 10.0 ** math.floor(math.log10(float(positive.min())) - 0.5))
+    top = 3.0  # damage at most 2 (-1), with room above it
+    x_cuts = damage_cuts(params)
+    y_cuts = (1.0 - c.survived, 1.0 - c.destroyed)
+    fig, axes = _grid(len(order), max_cols=4, w=3.5, h=3.6)
+    for ax, variant in zip(axes, order, strict=True):
+        part = table.filter(pl.col("variant") == variant)
+        drawn = part.filter(pl.col("_valid"))
+        # where the two schemes disagree, shaded (the dissociations' classes also need r's
+        # interval and the KL ratios, so the colours, not the shading, are the verdict)
+        ax.fill_between(
+            [low / 2, x_cuts[0]],
+            y_cuts[0],
+            top,
+            color=DISSOCIATION_STYLE["fires_same_acts_differently"][0],
+            alpha=0.06,
+            lw=0,
+            zorder=0,
+        )
+        ax.fill_between(
+            [x_cuts[0], top],
+            low / 2,
+            y_cuts[0],
+            color=DISSOCIATION_STYLE["acts_same_fires_differently"][0],
+            alpha=0.06,
+            lw=0,
+            zorder=0,
+        )
+        undefined = pl.col("causal_class") == "insufficient"
+        agree = drawn.filter(pl.col("dissociation").is_null() & ~undefined.fill_null(False))
+        hollow = drawn.filter(undefined.fill_null(False) & pl.col("dissociation").is_null())
+        alpha = 0.6 if drawn.height < 2000 else 0.2  # dense clouds stay readable
+
+        def xy(rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+            return (
+                np.clip(rows["_x"].to_numpy(), low, top),
+                np.clip(rows["_y"].to_numpy(), low, top),
+            )
+
+        ax.scatter(
+            *xy(agree),
+            s=10,
+            color=AGREE_COLOR,
+            alpha=alpha,
+            edgecolor="none",
+            rasterized=True,
+            zorder=2,
+        )
+        ax.scatter(
+            *xy(hollow),
+            s=14,
+            facecolor="none",
+            edgecolor=AGREE_COLOR,
+            lw=0.8,
+            rasterized=True,
+            zorder=2,
+        )
+        for kind, (color, _) in DISSOCIATION_STYLE.items():
+            rows = drawn.filter(pl.col("dissociation") == kind)
+            ax.scatter(
+                *xy(rows),
+                s=22,
+                color=color,
+                edgecolor="white",
+                lw=0.4,
+                rasterized=True,
+                zorder=3,
+                label=kind,
+            )
+        ax.plot([low / 2, top], [low / 2, top], color="grey", ls=":", lw=0.8, zorder=1)
+        for cut in x_cuts:
+            ax.axvline(cut, color="black", ls="--", lw=0.8, zorder=1)
+        for cut in y_cuts:
+            ax.axhline(cut, color="black", ls="-.", lw=0.8, zorder=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        # a little room below the start, so the points drawn there stay whole
+        ax.set_xlim(low / 2, top)
+        ax.set_ylim(low / 2, top)
+        counts = dissociation_counts(part)
+        at_fp = int(
+            drawn.filter((pl.col("_x") < DAMAGE_FLOOR) & (pl.col("_y") < DAMAGE_FLOOR)).height
+        )
+        stats = [f"n={part.height}", f"at (1, 1): {at_fp}"]
+        if hollow.height:
+            stats.append(f"causally insufficient: {hollow.height}")
+        if part.height - drawn.height:
+            stats.append(f"no r or agreement: {part.height - drawn.height}")
+        ax.set_title(
+            f"{variant}\n"
+            + ", ".join(stats)
+            + "\n"
+            + ", ".join(f"{_DISSOCIATION_SHORT[k]}: {n}" for k, n in counts.items()),
+            fontsize=7,
+        )
+        ax.set_xlabel("Pearson damage 1 - r (log)", fontsize=8)
+        ax.set_ylabel("causal damage 1 - agreement (log)", fontsize=8)
+    handles = [
+        Line2D([], [], color=AGREE_COLOR, marker="o", ls="", label="the two agree"),
+        Line2D(
+            [],
+            [],
+            markeredgecolor=AGREE_COLOR,
+            markerfacecolor="none",
+            marker="o",
+            ls="",
+            label="causally insufficient\n(never fires in FP here)",
+        ),
+        *[
+            Line2D([], [], color=color, marker="o", ls="", label=label)
+            for color, label in DISSOCIATION_STYLE.values()
+        ],
+        Line2D(
+            [],
+            [],
+            color="black",
+            ls="--",
+            lw=0.8,
+            label=f"Pearson class cuts\n(r = {t.survived:g} / {t.destroyed:g})",
+        ),
+        Line2D(
+            [],
+            [],
+            color="black",
+            ls="-.",
+            lw=0.8,
+            label=f"causal class cuts\n(agreement = {c.survived:g} / {c.destroyed:g})",
+        ),
+        Line2D([], [], color="grey", ls=":", lw=0.8, label="y = x"),
+    ]
+    fig.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.suptitle(
+        title
+        + f" (x: damage 1 - r, dashed at {x_cuts[0]:.3g} / {x_cuts[1]:.3g}; y: 1 - causal "
+        + f"agreement, dash-dotted at {y_cuts[0]:.3g} / {y_cuts[1]:.3g};"
+        + f"\nlog axes, damage below {low:.0e} drawn there: a variant equal to FP "
+        + "sits in the lower-left corner, r = agreement = 1)",
+        fontsize=9,
+    )
+    _save(fig, out)

@@ -36,6 +36,7 @@ from .shards import Expected, encode_hash
 from .tokens import load_token_ids
 
 if TYPE_CHECKING:
+    from .causal import CausalConfig
     from .damaged_contexts import ContextConfig
     from .encode import EncodeConfig
     from .fixture import CorpusConfig, ModelTrainConfig, SAETrainConfig, TokenizerConfig
@@ -587,6 +588,94 @@ def outliers(
     return summary
 
 
+@stage
+def causal(
+    *,
+    model: ModelSpec | Mapping[str, Any],
+    saes: Mapping[str, Mapping[str, Any]],
+    encode: EncodeConfig | Mapping[str, Any],
+    causal: CausalConfig | Mapping[str, Any],
+    analysis: SurvivalConfig | Mapping[str, Any] | None = None,
+    fp_checkpoint: str | Path,
+    checkpoint: str | Path,
+    sae_path: Mapping[str, str] | None = None,
+    tokens: Paths,
+    fp_stats: str | Path,
+    tokenizer: str | None = None,
+    out: str | Path,
+) -> dict[str, Any]:
+    """Causal survival of one variant under one SAE: per selected feature, its ablation,
+    steering and direct logit effects in FP and in the variant, their agreement and causal
+    class (`causal.causal_table`).
+
+    Both models load through `load_checkpoint` (the deployed forward, as encode), the SAE
+    as encode loads it (`saes` names exactly one). Features come from the FP statistics
+    (`causal.features`: top, random or watchlist; active means FP firing rate above
+    `analysis.active_rate`); the interventions run on the first `causal.n_sequences`
+    sequences of `tokens`. With `encode.exclude_special_positions` nothing is ablated at
+    the tokenizer's special tokens, where encode writes no codes.
+    """
+    from .causal import CausalConfig, causal_table, empty_table, select_features
+    from .checkpoints import load_checkpoint, read_manifest
+    from .encode import EncodeConfig
+    from .models import ModelSpec, resolve_device
+    from .saes import check_compatible, load_sae, sae_input
+    from .survival import SurvivalConfig
+
+    spec = section(ModelSpec, model)
+    enc = section(EncodeConfig, encode)
+    cfg = section(CausalConfig, causal)
+    active_rate = (
+        SurvivalConfig() if analysis is None else section(SurvivalConfig, analysis)
+    ).active_rate
+    if len(saes) != 1:
+        raise ValueError(f"causal measures one SAE at a time, got {sorted(saes)}")
+    ((name, sae_spec),) = saes.items()
+    variant = read_manifest(checkpoint)["variant"]
+    if not cfg.enabled:
+        write_parquet(empty_table(), out)
+        log.info("causal.enabled is false: wrote an empty table")
+        return {"variant": variant, "n_features": 0}
+    device = resolve_device(enc.device)
+    selected = select_features(read_parquet(fp_stats), cfg, active_rate)
+    ids = load_token_ids(tokens)[: cfg.n_sequences]
+    ablate = None
+    if enc.exclude_special_positions:
+        if tokenizer is None:
+            raise ValueError("encode.exclude_special_positions needs the tokenizer (--tokenizer)")
+        from .tokens import load_tokenizer
+
+        tok = load_tokenizer(tokenizer, revision=spec.revision)
+        ablate = ~np.isin(ids, sorted({int(i) for i in tok.all_special_ids}))
+    nets = [
+        load_checkpoint(c, dtype=spec.dtype, device=device,
+                        attn_implementation=spec.attn_implementation)
+        for c in (fp_checkpoint, checkpoint)
+    ]  # fmt: skip
+    sae = load_sae(dict(sae_spec), device=device, path=(sae_path or {}).get(name))
+    for net in nets:
+        check_compatible(net, sae)
+    prepared = sae_input(sae, name, False)
+    log.info(
+        "causal %s: %d features (%s), %d sequences, %d features per forward on %s",
+        variant, selected.height, cfg.features, ids.shape[0], cfg.features_per_forward, device,
+    )  # fmt: skip
+    table = causal_table(
+        nets[0], nets[1], sae, prepared, selected, ids, cfg,
+        variant=variant, device=device, ablate=ablate,
+    )  # fmt: skip
+    write_parquet(table, out)
+    counts = table["causal_class"].value_counts().sort("causal_class")
+    return {
+        "variant": variant,
+        "n_features": table.height,
+        "classes": dict(zip(counts["causal_class"], counts["count"], strict=True)),
+        "mean_agreement": (
+            float(np.mean(table["causal_agreement"].to_numpy())) if table.height else None
+        ),
+    }
+
+
 # ---------------------------------------------------------------- tables
 @stage
 def fp_stats(
@@ -844,6 +933,56 @@ def damaged_contexts(
     write_parquet(table, out)
     write_csv(table, Path(out).with_suffix(".csv"))
     return table
+
+
+@stage
+def causal_survival(
+    *,
+    damaged_contexts: ContextConfig | Mapping[str, Any],
+    causal: Mapping[str, str],
+    features: str | Path,
+    fp: Paths,
+    codes: Mapping[str, Paths],
+    tokens: Paths,
+    tokenizer: str,
+    expect: Mapping[str, Any] | None = None,
+    out: str | Path,
+    summary_out: str | Path,
+    disagreements_out: str | Path,
+) -> pl.DataFrame:
+    """Causal survival beside Pearson survival: every measured feature with both classes,
+    the per-variant summary, and the features where the two disagree, with their contexts."""
+    from .causal_survival import causal_summary, disagreements, join_pearson
+    from .damaged_contexts import ContextConfig
+    from .tokens import load_tokenizer
+
+    frames = [read_parquet(path, "causal") for path in causal.values()]
+    table = join_pearson(pl.concat(frames, how="vertical"), read_parquet(features, "survival"))
+    write_parquet(table, out)
+    summary = causal_summary(table)
+    write_parquet(summary, summary_out)
+    write_csv(summary, Path(summary_out).with_suffix(".csv"))
+    found = disagreements(
+        table,
+        fp,
+        codes,
+        load_token_ids(tokens),
+        load_tokenizer(tokenizer),
+        section(ContextConfig, damaged_contexts),
+        Expected.from_dict(expect),
+    )
+    write_parquet(found, disagreements_out)
+    write_csv(found, Path(disagreements_out).with_suffix(".csv"))
+    for row in summary.iter_rows(named=True):
+        log.info(
+            "%s: %d features, causal survived %.1f%% (Pearson %.1f%%), same class %s%%, "
+            "%d fire the same but act differently, %d act the same but fire differently",
+            row["variant"], row["n_features"], row["causal_survived_pct"] or 0.0,
+            row["pearson_survived_pct"] or 0.0,
+            "n/a" if row["same_class_pct"] is None else f"{row['same_class_pct']:.1f}",
+            row["n_fires_same_acts_differently"], row["n_acts_same_fires_differently"],
+        )  # fmt: skip
+    return summary
 
 
 @stage

@@ -214,6 +214,12 @@ def all_targets():
     return targets + fixture_training_targets() + [f"{R}/report/columns.html"]
 
 
+def causal_watchlist(wildcards):
+    """The causal watchlist file, when causal.features is watchlist (an input of rule causal)."""
+    causal = config["causal"]
+    return [causal["watchlist"]] if causal["features"] == "watchlist" else []
+
+
 def basis_targets(model, sae):
     """Tables, figures and report items of one (model, SAE) measurement basis."""
     return [
@@ -228,6 +234,7 @@ def basis_targets(model, sae):
             "damaged_contexts",
             "equal_bits",
             *(["seed_turnover"] if twin_sae_dir(model, sae) else []),
+            *(["causal_survival"] if CAUSAL else []),
         )
     ] + figure_targets(model, sae)
 
@@ -318,7 +325,9 @@ def report_tables(model):
 # and captioned by workflow/report/NAME.rst (tests/test_plots.py checks they agree).
 from sae_audit.figures import FIGURE_REGISTRY, figure_formats
 
-FIGURES = list(FIGURE_REGISTRY)
+# Causal survival (config causal.enabled): its rules, tables and figure only when on.
+CAUSAL = config["causal"]["enabled"]
+FIGURES = [name for name, fig in FIGURE_REGISTRY.items() if CAUSAL or not fig.causal]
 # The formats every figure is written in: PNG (the report's) first, then those requested.
 FIGURE_FORMATS = figure_formats(config["report"]["figure_formats"])
 # Result tables (tables/{model}/NAME.parquet) the report shows (rule report_tables).
@@ -331,6 +340,7 @@ REPORT_TABLES = [
     "threshold_grid",
     "damaged_contexts",
     "equal_bits",
+    *(["causal_survival", "causal_disagreements"] if CAUSAL else []),
 ]
 
 

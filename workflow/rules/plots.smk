@@ -5,7 +5,9 @@
 # plot_NAME per figure, made in this loop, reading the figure's registered tables and
 # calling `sae-audit plot NAME`, i.e. sae_audit.plots.NAME, captioned with
 # workflow/report/NAME.rst. Figures that draw the class thresholds get the `analysis`
-# config slice (so changed thresholds re-draw them); the others get "{}". Every figure
+# config slice (so changed thresholds re-draw them), plus causal.survived/destroyed
+# under "causal" for one that draws the causal classes (Figure.rule_params); the
+# others get "{}". Every figure
 # gets the weight bits per variant (config.variant_bits): the order and grouping of the
 # variants it draws, shipped formats beside RTN at the same bits. The job writes the
 # figure in every format of report.figure_formats (FIGURE_FORMATS, common.smk); the
@@ -40,7 +42,7 @@ for fig in FIGURE_REGISTRY.values():
             "../../envs/analysis.yaml"
         params:
             figure=fig.name,
-            analysis=dumps(config["analysis"]) if fig.thresholds else "{}",
+            analysis=dumps(fig.rule_params(config)),
             variants=dumps(audit_config.variant_bits(config)),
         shell:
             "sae-audit plot {params.figure:q} --analysis {params.analysis:q} "
