@@ -353,7 +353,9 @@ def _fixture_bundle(a: argparse.Namespace) -> Any:
             "--analysis",
             type=json.loads,
             default={},
-            help="JSON: the config's analysis section, for figures that draw the class thresholds",
+            help="JSON: the config's analysis section, for figures that draw the class "
+            'thresholds (with a "causal" key holding causal.survived/destroyed for '
+            "causal_vs_pearson)",
         ),
         p.add_argument(
             "--variants",
