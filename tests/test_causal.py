@@ -31,6 +31,7 @@ from sae_audit.causal import (
     read_watchlist,
     select_features,
 )
+from sae_audit.causal_survival import with_causal_class
 from sae_audit.config import ConfigError
 from sae_audit.files import InputError
 from sae_audit.models import ActivationCapture, blocks_of, load_model
@@ -204,7 +205,10 @@ def test_a_variant_equal_to_fp_agrees_exactly_for_every_feature(model_dir, fp, s
     assert (table["fp_fire_count"] > 0).all() and (table["ablation_kl_fp"] > 0).all()
     for col in ("ablation_flag", "steering_flag", "direct_flag"):
         assert table[col].null_count() == table.height, col
-    assert table["causal_class"].to_list() == ["survived"] * table.height
+    classed = with_causal_class(
+        table, survived=CFG.survived, destroyed=CFG.destroyed, kl_ratio_band=CFG.kl_ratio_band
+    )
+    assert classed["causal_class"].to_list() == ["survived"] * table.height
 
 
 def test_a_downstream_reflection_keeps_pearson_but_flips_the_effect(fp, sae, ids, stats):
@@ -242,7 +246,10 @@ def test_a_downstream_reflection_keeps_pearson_but_flips_the_effect(fp, sae, ids
     assert row["ablation_logit_cos"] < 0
     assert row["steering_logit_cos"] < 0
     assert row["causal_agreement"] < CFG.destroyed
-    assert row["causal_class"] == "destroyed"
+    classed = with_causal_class(
+        table, survived=CFG.survived, destroyed=CFG.destroyed, kl_ratio_band=CFG.kl_ratio_band
+    )
+    assert classed.filter(pl.col("feature") == f)["causal_class"].item() == "destroyed"
     assert row["ablation_flag"] is None and row["steering_flag"] is None
     # every number is finite
     floats = table.select(pl.col(pl.Float64))

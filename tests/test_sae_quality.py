@@ -84,7 +84,7 @@ def test_one_row_per_variant_summed_over_its_shards(encoded):
 def test_a_shard_without_quality_sums_or_with_wrong_ones_is_refused(encoded):
     model, sae, tmp_path = encoded
     old = write_dense(tmp_path / "old", "fp", np.eye(4, dtype=np.float32), n_shards=1)
-    with pytest.raises(InputError, match="no 'sae_audit_quality' footer"):
+    with pytest.raises(InputError, match=r"no SAE-quality sums .*no 'sae_audit_quality' metadata"):
         sae_quality_table({"fp": old}, Expected())
     # A footer whose count disagrees with the shard's positions (another run's sums).
     (path,) = _encode(model, sae, tmp_path, "fp", n_shards=1)

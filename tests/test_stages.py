@@ -196,6 +196,7 @@ def test_causal_stage_through_the_cli(audit: Path, tables: Path, tmp_path: Path)
     """`sae-audit causal` on the real fp / rtn-int8 / rtn-int2 checkpoints: the FP model
     against itself agrees exactly; a variant gives one finite row per selected feature."""
     from sae_audit.causal import COLUMNS
+    from sae_audit.causal_survival import with_causal_class
 
     causal = {"n_features": 4, "n_sequences": 4, "batch_size": 2, "features_per_forward": 3}
     common = ["--model", json.dumps(MODEL_PARAMS), "--saes", json.dumps({"res": _sae_spec(audit / "sae")}),
@@ -210,11 +211,14 @@ def test_causal_stage_through_the_cli(audit: Path, tables: Path, tmp_path: Path)
     assert same.columns == list(COLUMNS) and same.height == 4
     assert same["variant"].unique().to_list() == ["fp"]
     assert same["causal_agreement"].to_list() == [1.0] * 4
-    assert same["causal_class"].to_list() == ["survived"] * 4
+    classes = {"survived": 0.9, "destroyed": 0.5, "kl_ratio_band": 2.0}
+    assert with_causal_class(same, **classes)["causal_class"].to_list() == ["survived"] * 4
     damaged = pl.read_parquet(tmp_path / "rtn-int2.parquet")
     assert damaged["feature"].to_list() == same["feature"].to_list()
     assert damaged["variant"].unique().to_list() == ["rtn-int2"]
-    assert set(damaged["causal_class"]) <= {"survived", "blurred", "destroyed", "insufficient"}
+    assert set(with_causal_class(damaged, **classes)["causal_class"]) <= {
+        "survived", "blurred", "destroyed", "insufficient"
+    }  # fmt: skip
     stats = pl.read_parquet(tables / "fp_stats.parquet")
     top = stats.sort(["firing_count", "feature"], descending=[True, False]).head(4)
     assert same["feature"].to_list() == top["feature"].to_list()

@@ -94,7 +94,23 @@ def test_changing_class_thresholds_reruns_no_encode(finished_run: Path, tmp_path
     )
     jobs = planned_jobs(snakemake(finished_run, config, "-n"))
     assert jobs.get("survival") == 1
-    assert not {"encode", "compress", "correlate", "tokenize", "fixture_model"} & set(jobs)
+    assert not {"encode", "compress", "correlate", "tokenize", "fixture_model", "causal"} & set(
+        jobs
+    )
+
+
+@pytest.mark.slow
+def test_changing_causal_thresholds_reruns_no_forward_pass(finished_run: Path, tmp_path: Path):
+    """The causal class thresholds re-class the measured features (causal_survival and
+    what reads it); no causal forward pass runs again."""
+    config = edited_config(
+        tmp_path,
+        "causal",
+        lambda c: c.setdefault("causal", {}).update(survived=0.8, kl_ratio_band=3.0),
+    )
+    jobs = planned_jobs(snakemake(finished_run, config, "-n"))
+    assert jobs.get("causal_survival") == 1 and jobs.get("plot_causal_vs_pearson") == 1
+    assert not {"causal", "encode", "correlate", "survival"} & set(jobs)
 
 
 def test_bad_config_key_fails_before_any_job(tmp_path: Path):

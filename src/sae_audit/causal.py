@@ -53,7 +53,9 @@ import torch
 from torch import nn
 
 from . import progress
+from .causal_survival import causal_classes
 from .config import FROM_SCHEMA, ConfigSection, check_causal
+from .correlate import pearson_from_moments
 from .files import InputError
 from .models import family_of, resolve_hook
 from .saes import SaeInput, sae_hook_name
@@ -304,9 +306,6 @@ def measure_effects(
 
 
 # ---------------------------------------------------------------- agreement, never NaN
-_ZERO_VARIANCE_RTOL = 1e-12  # as sae_audit.correlate: variance this small is a constant
-
-
 def _pearson_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row-wise Pearson r of [F, P] arrays (x FP, y variant) and a flag per row.
 
@@ -320,27 +319,14 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     y = np.asarray(y, dtype=np.float64)
     xc = x - x.mean(axis=1, keepdims=True)
     yc = y - y.mean(axis=1, keepdims=True)
-    sxx = (xc * xc).sum(axis=1)
-    syy = (yc * yc).sum(axis=1)
-    sxy = (xc * yc).sum(axis=1)
-    x_zero = np.logical_not(np.any(x != 0, axis=1))
-    y_zero = np.logical_not(np.any(y != 0, axis=1))
-    const_x = ~x_zero & (sxx <= _ZERO_VARIANCE_RTOL * (x * x).sum(axis=1))
-    const_y = ~y_zero & (syy <= _ZERO_VARIANCE_RTOL * (y * y).sum(axis=1))
-    ok = ~(x_zero | y_zero | const_x | const_y)
-    r = np.zeros(x.shape[0], dtype=np.float64)
-    r[ok] = sxy[ok] / np.sqrt(sxx[ok] * syy[ok])
-    np.clip(r, -1.0, 1.0, out=r)
-    flags = np.full(x.shape[0], None, dtype=object)
-    flags[const_y] = "variant_constant"
-    flags[const_x] = "fp_constant"
-    both = const_x & const_y
-    flags[both] = "both_constant"
-    r[both] = 1.0
-    flags[y_zero] = "variant_no_effect"
-    flags[x_zero] = "fp_no_effect"
-    r[np.logical_or(x_zero, y_zero)] = 0.0
-    return r, flags
+    return pearson_from_moments(
+        var_x=(xc * xc).sum(axis=1),
+        var_y=(yc * yc).sum(axis=1),
+        cov=(xc * yc).sum(axis=1),
+        sum_x2=(x * x).sum(axis=1),
+        sum_y2=(y * y).sum(axis=1),
+        silent=("fp_no_effect", "variant_no_effect"),
+    )
 
 
 def _cosine_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -406,14 +392,11 @@ def _measure_columns(
     return cols, flag
 
 
-CLASSES = ("survived", "blurred", "destroyed", "insufficient")
-
-
 def compare_effects(
     fp: Effects, variant: Effects, cfg: CausalConfig, variant_name: str = "variant"
 ) -> pl.DataFrame:
     """One row per feature: the FP-vs-variant agreement of each effect and its causal class
-    (the rule in this module's docstring). Flags per measure, null where nothing is odd:
+    at `cfg`'s thresholds (`causal_survival.causal_classes`). Flags per measure, null where nothing is odd:
 
     - ablation_flag: fp_silent (never fires in FP on these sequences: every ablation
       number 0, class insufficient), variant_silent (never fires in the variant: its
@@ -445,26 +428,11 @@ def compare_effects(
         [abl["ablation_kl_r"], steer["steering_kl_r"], abl["ablation_logit_cos"],
          steer["steering_logit_cos"]]
     )  # fmt: skip
-    band = float(cfg.kl_ratio_band)
-
-    def in_band(ratio: np.ndarray) -> np.ndarray:
-        return (ratio >= 1.0 / band) & (ratio <= band)
-
-    insufficient = fp_silent | (steer_flag == "fp_no_effect")
-    destroyed = ~insufficient & (var_silent | (agreement < cfg.destroyed))
-    survived = (
-        ~insufficient
-        & ~destroyed
-        & (agreement > cfg.survived)
-        & in_band(abl["ablation_kl_ratio"])
-        & in_band(steer["steering_kl_ratio"])
-    )
-    cls = np.where(
-        insufficient,
-        "insufficient",
-        np.where(destroyed, "destroyed", np.where(survived, "survived", "blurred")),
-    )
-    agreement = np.where(insufficient, 0.0, agreement)
+    cls = causal_classes(
+        agreement, abl_flag, steer_flag, abl["ablation_kl_ratio"], steer["steering_kl_ratio"],
+        survived=cfg.survived, destroyed=cfg.destroyed, kl_ratio_band=cfg.kl_ratio_band,
+    )  # fmt: skip
+    agreement = np.where(cls == "insufficient", 0.0, agreement)
 
     def flag_list(flags: np.ndarray) -> list[str | None]:
         return [None if f is None or f == "None" else str(f) for f in flags]
@@ -503,7 +471,9 @@ def causal_table(
     ablate: np.ndarray | None = None,
     chunk: int = 64,
 ) -> pl.DataFrame:
-    """The causal table of one variant: one row per selected feature (`compare_effects`).
+    """The causal table of one variant: one row per selected feature (`compare_effects`),
+    without its class: `causal_survival.with_causal_class` adds that at the configured
+    thresholds, which therefore never re-run these forward passes.
 
     `selected` has columns feature and mean_when_firing (`select_features`); `ids` the
     token sequences (the first `cfg.n_sequences` are used). Features are measured `chunk`

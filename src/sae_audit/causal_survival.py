@@ -12,7 +12,6 @@ Features of insufficient evidence under either measure dissociate in no directio
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .damaged_contexts import ContextConfig, damaged_contexts
+from .damaged_contexts import ContextConfig, chosen_contexts
 from .files import InputError
 from .shards import Expected
 from .survival import CLASSES, INSUFFICIENT
+from .table_docs import polars_schema
 
 FIRES_SAME = "fires_same_acts_differently"
 ACTS_SAME = "acts_same_fires_differently"
@@ -31,9 +31,82 @@ _SURVIVED = CLASSES[0]
 _DAMAGED = [c for c in CLASSES if c not in (_SURVIVED, INSUFFICIENT)]
 
 
-def join_pearson(causal: pl.DataFrame, features: pl.DataFrame) -> pl.DataFrame:
-    """The causal rows with each feature's Pearson r and class under the same variant, and
-    which way the two disagree (``dissociation``, null where they agree)."""
+def causal_classes(
+    agreement: np.ndarray,
+    ablation_flag: np.ndarray,
+    steering_flag: np.ndarray,
+    ablation_kl_ratio: np.ndarray,
+    steering_kl_ratio: np.ndarray,
+    *,
+    survived: float,
+    destroyed: float,
+    kl_ratio_band: float,
+) -> np.ndarray:
+    """The causal class of each feature from its measured agreement (sae_audit.causal):
+
+    - insufficient: it never fires in FP on the measured sequences (ablation_flag
+      fp_silent), or steering has no effect in FP (steering_flag fp_no_effect);
+    - destroyed: it never fires in the variant (variant_silent), or agreement < destroyed;
+    - survived: agreement > survived and both KL ratios within [1/band, band];
+    - blurred: the rest.
+
+    Kept out of the forward-pass job, so the thresholds (causal.survived, destroyed,
+    kl_ratio_band) re-class the measured features without a forward pass.
+    """
+    agreement = np.asarray(agreement, dtype=np.float64)
+    ablation_flag = np.asarray(ablation_flag, dtype=object)
+    steering_flag = np.asarray(steering_flag, dtype=object)
+    band = float(kl_ratio_band)
+
+    def in_band(ratio: np.ndarray) -> np.ndarray:
+        ratio = np.asarray(ratio, dtype=np.float64)
+        return (ratio >= 1.0 / band) & (ratio <= band)
+
+    insufficient = (ablation_flag == "fp_silent") | (steering_flag == "fp_no_effect")
+    lost = ~insufficient & ((ablation_flag == "variant_silent") | (agreement < destroyed))
+    kept = (
+        ~insufficient
+        & ~lost
+        & (agreement > survived)
+        & in_band(ablation_kl_ratio)
+        & in_band(steering_kl_ratio)
+    )
+    return np.where(
+        insufficient,
+        INSUFFICIENT,
+        np.where(lost, "destroyed", np.where(kept, _SURVIVED, "blurred")),
+    )
+
+
+def with_causal_class(
+    causal: pl.DataFrame, *, survived: float, destroyed: float, kl_ratio_band: float
+) -> pl.DataFrame:
+    """The causal rows (the `causal` stage's table) with ``causal_class`` (causal_classes)."""
+    classes = causal_classes(
+        causal["causal_agreement"].to_numpy(),
+        causal["ablation_flag"].to_numpy(),
+        causal["steering_flag"].to_numpy(),
+        causal["ablation_kl_ratio"].to_numpy(),
+        causal["steering_kl_ratio"].to_numpy(),
+        survived=survived,
+        destroyed=destroyed,
+        kl_ratio_band=kl_ratio_band,
+    )
+    return causal.with_columns(pl.Series("causal_class", classes.tolist(), dtype=pl.String))
+
+
+def join_pearson(
+    causal: pl.DataFrame, features: pl.DataFrame, thresholds: Mapping[str, float]
+) -> pl.DataFrame:
+    """The causal rows with their causal class at `thresholds` (causal.survived,
+    destroyed, kl_ratio_band), each feature's Pearson r and class under the same variant,
+    and which way the two disagree (``dissociation``, null where they agree)."""
+    causal = with_causal_class(
+        causal,
+        survived=thresholds["survived"],
+        destroyed=thresholds["destroyed"],
+        kl_ratio_band=thresholds["kl_ratio_band"],
+    )
     pearson = features.select("variant", "feature", "r", pl.col("class").alias("pearson_class"))
     joined = causal.join(pearson, on=["variant", "feature"], how="left")
     missing = joined.filter(pl.col("r").is_null())
@@ -103,32 +176,19 @@ def disagreements(
                "causal_class", "ablation_kl_r", "ablation_logit_cos", "steering_kl_r",
                "steering_logit_cos", "direct_logit_cos"]  # fmt: skip
     rows = rows.select(columns)
+    schema = polars_schema("causal_disagreements")  # tables.schema.yaml
     if rows.is_empty():
-        return rows.with_columns(
-            pl.lit(None, dtype=pl.Int64).alias("context_rank"),
-            pl.lit(None, dtype=pl.Int64).alias("position"),
-            pl.lit(None, dtype=pl.String).alias("context"),
-            pl.lit(None, dtype=pl.Float64).alias("fp_value"),
-            pl.lit(None, dtype=pl.Float64).alias("variant_value"),
-        ).clear()
-    probe = rows.select("variant", "feature", pl.lit(True).alias("active"), "r")
-    most = int(probe.group_by("variant").len()["len"].max())  # type: ignore[arg-type]
-    wanted = {str(v) for v in probe["variant"].unique()}
-    found = damaged_contexts(
-        probe,
-        fp_paths,
-        {v: p for v, p in variant_paths.items() if v in wanted},
-        token_ids,
-        tokenizer,
-        dataclasses.replace(cfg, n_features=most),
-        expect=expect,
-        check_variants=True,
-    ).filter(pl.col("where_fires") == "fp")
+        return pl.DataFrame(schema=schema)
+    found = chosen_contexts(
+        rows.select("variant", "feature", "r"), fp_paths, variant_paths, token_ids, tokenizer,
+        cfg, expect=expect, check_variants=True,
+    )  # fmt: skip
     contexts = found.select(
         "variant", "feature", "context_rank", pl.col("position").cast(pl.Int64), "context",
         pl.col("fp_value").cast(pl.Float64), pl.col("variant_value").cast(pl.Float64),
     )  # fmt: skip
-    return rows.join(contexts, on=["variant", "feature"], how="left").sort(
+    found = rows.join(contexts, on=["variant", "feature"], how="left").sort(
         ["variant", "dissociation", "causal_agreement", "feature", "context_rank"],
         nulls_last=True,
     )
+    return found.select(list(schema)).cast(schema)  # type: ignore[arg-type]

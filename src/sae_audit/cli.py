@@ -113,6 +113,8 @@ def _flag(param: inspect.Parameter) -> tuple[dict[str, Any], Callable[[Any], Any
 # option of that name is something else. A config section's option takes its help from
 # the schema's description of the section instead (`_section_help`).
 OPTION_HELP: dict[str, str] = {
+    "causal_survival.thresholds": "JSON: causal.survived, causal.destroyed and "
+    "causal.kl_ratio_band, the thresholds of the causal classes",
     "causal_survival.causal": "each variant's causal table (`sae-audit causal`), VARIANT=PATH",
     "causal_survival.out": "the per-feature table of both measures to write (parquet)",
     "causal_survival.summary_out": "the per-variant summary to write (parquet, and a .csv beside it)",

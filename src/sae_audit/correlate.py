@@ -379,28 +379,49 @@ def pearson_from_sums(sums: SufficientSums) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"need at least 2 tokens for a correlation, got n={sums.n}")
     n = float(sums.n)
     # Centered second moments (times n); float64 throughout.
-    var_x = sums.sum_x2 - sums.sum_x * sums.sum_x / n
-    var_y = sums.sum_y2 - sums.sum_y * sums.sum_y / n
-    cov = sums.sum_xy - sums.sum_x * sums.sum_y / n
-    fp_silent = sums.sum_x2 == 0
-    var_silent = sums.sum_y2 == 0
-    const_x = ~fp_silent & (var_x <= _ZERO_VARIANCE_RTOL * sums.sum_x2)
-    const_y = ~var_silent & (var_y <= _ZERO_VARIANCE_RTOL * sums.sum_y2)
+    return pearson_from_moments(
+        var_x=sums.sum_x2 - sums.sum_x * sums.sum_x / n,
+        var_y=sums.sum_y2 - sums.sum_y * sums.sum_y / n,
+        cov=sums.sum_xy - sums.sum_x * sums.sum_y / n,
+        sum_x2=sums.sum_x2,
+        sum_y2=sums.sum_y2,
+    )
+
+
+def pearson_from_moments(
+    *,
+    var_x: np.ndarray,
+    var_y: np.ndarray,
+    cov: np.ndarray,
+    sum_x2: np.ndarray,
+    sum_y2: np.ndarray,
+    silent: tuple[str, str] = ("fp_silent", "variant_silent"),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson r and its edge-case flags from centered second moments (times n) and the
+    raw sums of squares, per element; never NaN (the precedence of pearson_from_sums).
+
+    A side whose raw sum of squares is 0 is all zeros: flagged `silent` (FP's, the
+    variant's), r = 0. sae_audit.causal uses it with its own names for that case.
+    """
+    fp_silent = sum_x2 == 0
+    var_silent = sum_y2 == 0
+    const_x = ~fp_silent & (var_x <= _ZERO_VARIANCE_RTOL * sum_x2)
+    const_y = ~var_silent & (var_y <= _ZERO_VARIANCE_RTOL * sum_y2)
 
     ok = ~(fp_silent | var_silent | const_x | const_y)
-    r = np.zeros(sums.d_sae, dtype=np.float64)
+    r = np.zeros(var_x.shape, dtype=np.float64)
     r[ok] = cov[ok] / np.sqrt(var_x[ok] * var_y[ok])
     np.clip(r, -1.0, 1.0, out=r)
 
-    flags = np.full(sums.d_sae, None, dtype=object)
+    flags = np.full(var_x.shape, None, dtype=object)
     # Assign lowest precedence first so higher-precedence flags overwrite.
     flags[const_y] = "variant_constant"
     flags[const_x] = "fp_constant"
     both = const_x & const_y
     flags[both] = "both_constant"
     r[both] = 1.0
-    flags[var_silent] = "variant_silent"
-    flags[fp_silent] = "fp_silent"
+    flags[var_silent] = silent[1]
+    flags[fp_silent] = silent[0]
     r[var_silent | fp_silent] = 0.0
     return r, flags
 

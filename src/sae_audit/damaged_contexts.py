@@ -9,6 +9,7 @@ offset), ``token_id`` the token there."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,37 @@ def damaged_contexts(
 
 # The columns and their dtypes: tables.schema.yaml, table `damaged_contexts`.
 OUTPUT_SCHEMA = polars_schema("damaged_contexts")
+
+
+def chosen_contexts(
+    chosen: pl.DataFrame,
+    fp_paths: Sequence[str | Path],
+    variant_paths: Mapping[str, Sequence[str | Path]],
+    token_ids: np.ndarray,
+    tokenizer: Any,
+    cfg: ContextConfig,
+    expect: Expected | None = None,
+    check_variants: bool = False,
+) -> pl.DataFrame:
+    """The top FP contexts of exactly the `chosen` (variant, feature, r) rows, whatever
+    their class, with each variant's activation there: the ``where_fires`` = fp rows of
+    `damaged_contexts` run on them alone. Null variants get none (most_damaged)."""
+    probe = chosen.select("variant", "feature", pl.lit(True).alias("active"), "r")
+    if probe.is_empty():
+        return pl.DataFrame(schema=OUTPUT_SCHEMA)
+    most = int(probe.group_by("variant").len()["len"].max())  # type: ignore[arg-type]
+    wanted = {str(v) for v in probe["variant"].unique()}
+    found = damaged_contexts(
+        probe,
+        fp_paths,
+        {v: p for v, p in variant_paths.items() if v in wanted},
+        token_ids,
+        tokenizer,
+        dataclasses.replace(cfg, n_features=most),
+        expect=expect,
+        check_variants=check_variants,
+    )
+    return found.filter(pl.col("where_fires") == "fp")
 
 
 def _variant_only(

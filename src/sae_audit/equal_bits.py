@@ -19,7 +19,6 @@ over the features classed under both variants (not "insufficient" under either).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .damaged_contexts import ContextConfig, damaged_contexts
+from .damaged_contexts import ContextConfig, chosen_contexts
 from .overlap import jaccard
 from .shards import Expected
 from .survival import INSUFFICIENT
@@ -201,27 +200,21 @@ def _contexts(
     ``damaged_contexts`` call over both variants, keeping every chosen feature."""
     probe = pl.concat(
         [
-            chosen.select(
-                pl.lit(name).alias("variant"),
-                "feature",
-                pl.lit(True).alias("active"),
-                pl.col(r).alias("r"),
-            )
+            chosen.select(pl.lit(name).alias("variant"), "feature", pl.col(r).alias("r"))
             for name, r in ((rtn, "r_rtn"), (shipped, "r_shipped"))
         ]
     )
-    found = damaged_contexts(
+    found = chosen_contexts(
         probe,
         fp_paths,
         {rtn: variant_paths[rtn], shipped: variant_paths[shipped]},
         token_ids,
         tokenizer,
-        dataclasses.replace(cfg, n_features=chosen["feature"].n_unique()),
+        cfg,
         expect=expect,
         check_variants=check_variants,
     )
     keys = ["feature", "context_rank"]
-    found = found.filter(pl.col("where_fires") == "fp")  # the FP contexts the pair is read on
     at_rtn = found.filter(pl.col("variant") == rtn).select(
         *keys, "position", "context", "fp_value", pl.col("variant_value").alias("rtn_value")
     )

@@ -239,21 +239,27 @@ def _checksum(path: str, size: int, mtime_ns: int) -> str:
 
 
 # ---------------------------------------------------------------- reading
+def _footer_value(path: Path, key: bytes, missing: str) -> bytes:
+    """The value of `key` in a shard's Parquet key-value metadata; `missing` says why a
+    shard would lack it. Errors name the shard and the rule that re-makes it."""
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+    except (OSError, pa.ArrowException) as e:
+        raise unreadable(path, e, "encode") from e
+    if key not in meta:
+        raise InputError(
+            f"{path}: {missing} (no '{key.decode()}' metadata); {rerun_hint('encode')}"
+        )
+    return meta[key]
+
+
 def read_metadata(path: str | Path) -> ShardMetadata:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such shard; {rerun_hint('encode')}")
+    raw = _footer_value(path, METADATA_KEY, "not a sae-audit shard")
     try:
-        meta = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowException) as e:
-        raise unreadable(path, e, "encode") from e
-    if METADATA_KEY not in meta:
-        raise InputError(
-            f"{path}: not a sae-audit shard (no '{METADATA_KEY.decode()}' metadata); "
-            f"{rerun_hint('encode')}"
-        )
-    try:
-        return ShardMetadata.from_json(meta[METADATA_KEY])
+        return ShardMetadata.from_json(raw)
     except (ValueError, TypeError) as e:
         raise unreadable(path, e, "encode") from e
 
@@ -261,17 +267,9 @@ def read_metadata(path: str | Path) -> ShardMetadata:
 def read_quality(path: str | Path) -> dict[str, Any]:
     """The reconstruction sums encode recorded in a code shard's footer (set_quality)."""
     path = Path(path)
+    raw = _footer_value(path, QUALITY_KEY, "no SAE-quality sums (written by an older sae-audit)")
     try:
-        meta = pq.read_metadata(path).metadata or {}
-    except (OSError, pa.ArrowException) as e:
-        raise unreadable(path, e, "encode") from e
-    if QUALITY_KEY not in meta:
-        raise InputError(
-            f"{path}: no '{QUALITY_KEY.decode()}' footer (written by an older sae-audit); "
-            f"{rerun_hint('encode')}"
-        )
-    try:
-        return dict(json.loads(meta[QUALITY_KEY]))
+        return dict(json.loads(raw))
     except (ValueError, TypeError) as e:
         raise unreadable(path, e, "encode") from e
 

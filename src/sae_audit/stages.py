@@ -665,11 +665,9 @@ def causal(
         variant=variant, device=device, ablate=ablate,
     )  # fmt: skip
     write_parquet(table, out)
-    counts = table["causal_class"].value_counts().sort("causal_class")
     return {
         "variant": variant,
         "n_features": table.height,
-        "classes": dict(zip(counts["causal_class"], counts["count"], strict=True)),
         "mean_agreement": (
             float(np.mean(table["causal_agreement"].to_numpy())) if table.height else None
         ),
@@ -939,6 +937,7 @@ def damaged_contexts(
 def causal_survival(
     *,
     damaged_contexts: ContextConfig | Mapping[str, Any],
+    thresholds: Mapping[str, float],
     causal: Mapping[str, str],
     features: str | Path,
     fp: Paths,
@@ -950,14 +949,17 @@ def causal_survival(
     summary_out: str | Path,
     disagreements_out: str | Path,
 ) -> pl.DataFrame:
-    """Causal survival beside Pearson survival: every measured feature with both classes,
-    the per-variant summary, and the features where the two disagree, with their contexts."""
+    """Causal survival beside Pearson survival: every measured feature with both classes
+    (its causal class at `thresholds`), the per-variant summary, and the features where
+    the two disagree, with their contexts."""
     from .causal_survival import causal_summary, disagreements, join_pearson
     from .damaged_contexts import ContextConfig
     from .tokens import load_tokenizer
 
     frames = [read_parquet(path, "causal") for path in causal.values()]
-    table = join_pearson(pl.concat(frames, how="vertical"), read_parquet(features, "survival"))
+    table = join_pearson(
+        pl.concat(frames, how="vertical"), read_parquet(features, "survival"), thresholds
+    )
     write_parquet(table, out)
     summary = causal_summary(table)
     write_parquet(summary, summary_out)

@@ -31,8 +31,10 @@ rule causal:
         sae_path=lambda w: [
             f"{n}={d}" for n, d in sae_dirs(w.model).items() if n == w.sae
         ],
-        encode=dumps(config["encode"]),
-        causal=dumps(config["causal"]),
+        # Only what the forward passes read: the class thresholds are causal_survival's,
+        # and encode's batch size is not used here.
+        encode=dumps(CAUSAL_ENCODE),
+        causal=dumps(CAUSAL_MEASURE),
         analysis=dumps({"active_rate": config["analysis"]["active_rate"]}),
         tokens=lambda w: token_files(w.model),
         tokenizer=tokenizer_source,
@@ -77,9 +79,11 @@ rule causal_survival:
         tokens=lambda w: token_files(w.model),
         tokenizer=tokenizer_source,
         damaged_contexts=dumps(config["damaged_contexts"]),
+        thresholds=dumps(CAUSAL_THRESHOLDS),
         expect=lambda w: shard_expectation(w.model, w.sae),
     shell:
-        "sae-audit causal-survival --damaged-contexts {params.damaged_contexts:q} --causal {params.causal:q} "
+        "sae-audit causal-survival --damaged-contexts {params.damaged_contexts:q} --thresholds {params.thresholds:q} "
+        "--causal {params.causal:q} "
         "--features {input.features:q} --fp {params.fp:q} --codes {params.codes:q} --tokens {params.tokens:q} "
         "--tokenizer {params.tokenizer:q} --expect {params.expect:q} --out {output.table:q} "
         "--summary-out {output.summary:q} --disagreements-out {output.disagreements:q} > {log:q} 2>&1"

@@ -214,6 +214,17 @@ def all_targets():
     return targets + fixture_training_targets() + [f"{R}/report/columns.html"]
 
 
+# The causal section split by who reads it: the class thresholds only re-class measured
+# features (rule causal_survival), everything else shapes the forward passes (rule causal),
+# which read of `encode` only the device and which positions are excluded.
+_THRESHOLD_KEYS = ("survived", "destroyed", "kl_ratio_band")
+CAUSAL_THRESHOLDS = {k: config["causal"][k] for k in _THRESHOLD_KEYS}
+CAUSAL_MEASURE = {k: v for k, v in config["causal"].items() if k not in _THRESHOLD_KEYS}
+CAUSAL_ENCODE = {
+    k: config["encode"][k] for k in ("device", "exclude_special_positions")
+}
+
+
 def causal_watchlist(wildcards):
     """The causal watchlist file, when causal.features is watchlist (an input of rule causal)."""
     causal = config["causal"]
