@@ -70,6 +70,7 @@ include: "workflow/rules/encode.smk"
 include: "workflow/rules/diagnostics.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/causal.smk"
+include: "workflow/rules/deploy.smk"
 include: "workflow/rules/plots.smk"
 
 

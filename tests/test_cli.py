@@ -81,6 +81,10 @@ def test_every_rule_command_parses_with_the_generated_flags(tmp_path):
     def shipped(cfg):  # shipped formats plan the calibration and their compress flags too
         cfg["compression"]["llmcompressor"] = {"w4": {"scheme": "W4A16", "method": "gptq"}}
         cfg["compression"]["gguf"] = {"q8_0": {"type": "Q8_0"}}
+        # and a protected variant plans protect, its compress flag and protect_outcome
+        cfg["compression"]["protect"] = {
+            "w": {"levels": [{"bits": 4}, {"bits": 8}], "budget": {"bits_per_weight": 5.0}}
+        }
         # and a model on the planted control plans fixture_reparam
         planted = {"model": {"source": "fixture-reparam"}}
         cfg["models"]["planted"] = {**cfg["models"]["fixture"], **planted}

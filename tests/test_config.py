@@ -27,6 +27,7 @@ from sae_audit.fixture.model import ModelTrainConfig
 from sae_audit.fixture.reparam import ReparamConfig
 from sae_audit.fixture.sae import SAETrainConfig
 from sae_audit.fixture.tokenizer import TokenizerConfig
+from sae_audit.forecast import ForecastConfig
 from sae_audit.match_sparsity import MatchedConfig
 from sae_audit.models import ModelSpec
 from sae_audit.outliers import OutliersConfig
@@ -38,6 +39,7 @@ from sae_audit.stability import StabilityConfig
 from sae_audit.survival import SurvivalConfig
 from sae_audit.threshold_grid import ThresholdGridConfig
 from sae_audit.tokens import DocumentSpec, TokenSetConfig
+from sae_audit.watchlist import WatchlistConfig
 
 from .conftest import TEST_CONFIG
 
@@ -62,6 +64,8 @@ SECTIONS: list[type[ConfigSection]] = [
     OutliersConfig,
     SeedTurnoverConfig,
     CausalConfig,
+    WatchlistConfig,
+    ForecastConfig,
 ]
 
 # Fields with no schema default, each for a reason the schema states.
@@ -122,6 +126,19 @@ UNREAD = {
         )
     ),
     "compression.rtn.full_range",  # in the variant name (rtn-int<b>-full)
+    # protect entries: each is passed whole to its protect job (stages.protect reads the
+    # levels, budget and survived_r; the rule picks the SAE); config checks them
+    "compression.protect.*.sae",
+    "compression.protect.*.levels",
+    "compression.protect.*.budget.bits_per_weight",
+    "compression.protect.*.budget.bytes",
+    "compression.protect.*.survived_r",
+    # the workflow: forecast's on/off and the transfer list are rule-level (deploy.smk)
+    "forecast.enabled",
+    "forecast.fit_on",
+    # the gate rule's inputs: the policy file (config.gate_policy) and the report path
+    "gate.policy",
+    "gate.report",
     # shipped formats: each entry is passed whole to its compress job (config.shipped_entry)
     # and read there (shipped.build_recipe, checkpoints.write_shipped); config checks them
     "compression.llmcompressor.*.scheme",

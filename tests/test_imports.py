@@ -45,6 +45,12 @@ TABLE_MODULES = [
 # The functions of sae_audit.stages that model-side rules (envs/torch.yaml) call; every
 # other function there is a table or plot stage, and what it imports must be torch-free.
 MODEL_STAGES = {
+    "_forecast_model",  # helpers of the forecast and protect stages
+    "_one_sae",
+    "forecast",
+    "forecast_accuracy",
+    "protect",
+    "protect_outcome",
     "tokenize",
     "causal",
     "compress",

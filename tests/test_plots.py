@@ -132,6 +132,42 @@ def _sae_quality() -> pl.DataFrame:
     )
 
 
+def _forecast_accuracy(features: pl.DataFrame) -> pl.DataFrame:
+    """The real forecast_accuracy on a forecast that is the measured damage plus noise."""
+    from sae_audit.forecast import forecast_accuracy
+
+    rng = np.random.default_rng(3)
+    damage = features["damage"].fill_null(0.0).to_numpy()
+    noisy = np.clip(damage + rng.normal(0, 0.02, damage.size), 0, 0.99)
+    forecast = features.select(
+        "variant",
+        pl.col("feature").cast(pl.Int32),
+        fp_variance=pl.lit(1.0),
+        noise_variance=pl.Series(1 / (1 - noisy) ** 2 - 1),
+        forecast_r=pl.Series(1 - noisy),
+        forecast_damage=pl.Series(noisy),
+        silent=pl.lit(False),
+        top_source=pl.lit("gpt_neox.layers.0.mlp.dense_h_to_4h.weight"),
+        top_source_fraction=pl.lit(0.5),
+    )
+    return forecast_accuracy(forecast, features, fit_on=["rtn-int4"])
+
+
+def _protect() -> pl.DataFrame:
+    from sae_audit.table_docs import polars_schema
+
+    row = {
+        "variant": "protect-w", "watchlist": "top 32 by FP firing count", "n_watch": 32,
+        "budget": "5.25 bits/weight", "n_protected": 1,
+        "protected": "gpt_neox.layers.0.mlp.dense_h_to_4h.weight=int8",
+        "predicted_watch_survived_pct": 100.0, "achieved_watch_survived_pct": 96.875,
+        "base_predicted_watch_survived_pct": 62.5, "predicted_bits_per_weight": 4.85,
+        "built_bits_per_weight": 4.85, "base_bits_per_weight": 4.19, "solver": "milp",
+        "gap": 0.0,
+    }  # fmt: skip
+    return pl.DataFrame([row], schema=polars_schema("protect"))
+
+
 def _perplexity() -> pl.DataFrame:
     dppl = {"fp": 0.0, "rtn-int8": 0.1, "rtn-int4": 14.0, "prune-matched-rtn-int4": 13.5}
     dppl["fp-null"] = 0.0
@@ -447,6 +483,8 @@ def tables(tmp_path_factory) -> dict[str, Path]:
         "outliers": _outliers(),
         "sae_quality": _sae_quality(),
         "causal": _causal(np.random.default_rng(1)),
+        "forecast_accuracy": _forecast_accuracy(features),
+        "protect": _protect(),
     }
     frames |= _causal_report_tables(frames["causal"])
     paths = {}

@@ -457,3 +457,96 @@ def test_shipped_variant_names_reach_the_dag(tmp_path: Path) -> None:
         compress[variant[1]] = gpu[1]
     assert compress["lc-w8"] == "1" and compress["gguf-q8_0"] == "0"
     assert compress["rtn-int4"] == "0"
+
+
+# ---------------------------------------------------------------- issue 15: forecast, protect, gate
+_PROTECT = {"levels": [{"bits": 4}, {"bits": 8}], "budget": {"bits_per_weight": 5.0}}
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragments"),
+    [
+        (
+            lambda c: c["compression"].update(protect={"w": {**_PROTECT, "sae": "resid"}}),
+            ["config key 'compression.protect.w.sae'", "'resid'", "did you mean 'res'"],
+        ),
+        (
+            lambda c: c["compression"].update(
+                protect={"w": {**_PROTECT, "levels": [{"bits": 8}, {"bits": 4}]}}
+            ),
+            ["config key 'compression.protect.w.levels'", "fewest bits"],
+        ),
+        (
+            lambda c: c["compression"].update(
+                protect={"w": {**_PROTECT, "levels": [{"bits": None}, {"bits": 4}]}}
+            ),
+            ["config key 'compression.protect.w.levels'", "must be quantized"],
+        ),
+        (
+            lambda c: c["compression"].update(
+                protect={"w": {**_PROTECT, "budget": {"bits_per_weight": 5, "bytes": 9}}}
+            ),
+            ["compression.protect.w.budget"],
+        ),
+        (
+            lambda c: c.update(watchlist={"file": "watch.txt"}),
+            ["config key 'watchlist.file'", "watch.txt is not a file"],
+        ),
+        (
+            lambda c: c.update(forecast={"measure": ["rtn-in4"]}),
+            ["config key 'forecast.measure'", "did you mean 'rtn-int4'"],
+        ),
+        (
+            lambda c: c.update(forecast={"measure": ["fp-null"]}),
+            ["config key 'forecast.measure'", "'fp-null' is not forecast (no noise model"],
+        ),
+        (
+            lambda c: (
+                c["compression"].update(llmcompressor={"w8": {"scheme": "W8A8"}})
+                or c.update(forecast={"measure": ["lc-w8"]})
+            ),
+            ["config key 'forecast.measure'", "one matrix at a time"],
+        ),
+        (
+            lambda c: c["compression"].update(
+                protect={"w": {**_PROTECT, "levels": [{"bits": 4, "group_size": 32}, {"bits": 4}]}}
+            ),
+            ["config key 'compression.protect.w.levels'", "cost the fewest bits"],
+        ),
+        (
+            lambda c: c.update(forecast={"fit_on": ["rtn-int5"]}),
+            ["config key 'forecast.fit_on'", "'rtn-int5' is not a configured variant"],
+        ),
+        (
+            lambda c: c.update(gate={"policy": "policy.yaml"}),
+            ["config key 'gate.policy'", "policy.yaml is not a file"],
+        ),
+    ],
+)
+def test_forecast_protect_and_gate_keys(
+    workdir: Path, edit: Callable[[dict[str, Any]], None], fragments: list[str]
+) -> None:
+    cfg = base_config()
+    edit(cfg)
+    fails(cfg, workdir, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("policy", "fragments"),
+    [
+        ("min_survived_pct: 120\n", ["min_survived_pct"]),
+        ("min_survivd_pct: 90\n", ["min_survivd_pct"]),
+        (
+            "min_survived_pct: 90\nvariants: [rtn-int5]\n",
+            ["release candidate 'rtn-int5'", "is not a configured variant", "'rtn-int4'"],
+        ),
+        ("variants: [rtn-int4]\n", ["sets no threshold"]),
+    ],
+)
+def test_a_bad_policy_file_fails_at_startup(
+    workdir: Path, policy: str, fragments: list[str]
+) -> None:
+    (workdir / "policy.yaml").write_text(policy)
+    cfg = base_config()
+    cfg["gate"] = {"policy": "policy.yaml"}
+    fails(cfg, workdir, "config key 'gate.policy'", "policy.yaml", *fragments)

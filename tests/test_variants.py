@@ -45,3 +45,30 @@ def test_noise_null_is_a_variant_of_its_own_beside_the_null_run():
         "fp-noise",
         "weird",
     ]
+
+
+def test_protected_variants_parse_and_sit_after_matched_pruning():
+    from sae_audit import config as audit_config
+    from sae_audit.figures import variant_order
+    from sae_audit.variants import protect_name
+
+    v = parse_variant(protect_name("watch-int4"))
+    assert (v.kind, v.key, v.bits) == ("protect", "watch-int4", None)
+    with pytest.raises(ValueError, match="protect-<key>"):
+        parse_variant("protect-")
+    cfg = audit_config.validate(
+        {"models": {"m": {"model": {"source": "fixture"}, "saes": {"r": {"source": "fixture"}},
+                          "tokens": {"source": "fixture", "seq_len": 8, "n_sequences": 4,
+                                     "n_shards": 1}}},
+         "compression": {"rtn": {"bits": [4]}, "prune": {"matched": {"targets": ["rtn-int4"]}},
+                         "protect": {"w": {"levels": [{"bits": 4}, {"bits": 8}],
+                                           "budget": {"bits_per_weight": 5.0}}}}}
+    )  # fmt: skip
+    names = audit_config.variant_names(cfg)
+    assert names[:3] == ["rtn-int4", "prune-matched-rtn-int4", "protect-w"]
+    assert audit_config.protect_entry(cfg, "protect-w")["budget"] == {"bits_per_weight": 5.0}
+    assert audit_config.protect_entry(cfg, "rtn-int4") is None
+    assert audit_config.protect_sae(cfg, "m", "w") == "r"
+    assert variant_order(["fp-null", "protect-w", "prune-matched-rtn-int4", "rtn-int4"]) == [
+        "rtn-int4", "prune-matched-rtn-int4", "protect-w", "fp-null",
+    ]  # fmt: skip

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +59,7 @@ from .files import InputError
 from .models import family_of, resolve_hook
 from .saes import SaeInput, sae_hook_name
 from .table_docs import polars_schema
+from .watchlist import read_watchlist
 
 
 @dataclass(frozen=True)
@@ -520,22 +520,6 @@ def empty_table() -> pl.DataFrame:
 
 
 # ---------------------------------------------------------------- which features
-def read_watchlist(path: str | Path) -> list[int]:
-    """Feature ids from a text file: one per line (or separated by commas or spaces);
-    blank lines and '#' comments are ignored."""
-    ids: list[int] = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        text = line.split("#", 1)[0].replace(",", " ")
-        for word in text.split():
-            try:
-                ids.append(int(word))
-            except ValueError:
-                raise InputError(
-                    f"{path}:{n}: {word!r} is not a feature id (one integer per line)"
-                ) from None
-    return ids
-
-
 def select_features(
     fp_stats: pl.DataFrame,
     cfg: CausalConfig,

@@ -103,6 +103,10 @@ def apply_state(
     kind = method["kind"]
     if kind in ("fp", "null", "noise"):
         return model
+    if kind == "protect":
+        from .protect import apply_protected
+
+        return apply_protected(model, payload, method)
     for name, param in target_weights(model):
         if kind == "rtn":
             shape = as_out_in(param.data, model).shape
@@ -133,12 +137,14 @@ def write_checkpoint(
     entry: dict[str, Any] | None = None,
     calibration: np.ndarray | None = None,
     dtype: str = "float32",
+    plan: dict[str, Any] | None = None,
 ) -> Path:
     """Compress the base model (loaded in float32) and write the checkpoint directory atomically.
 
     Shipped formats take their config `entry` (compression.<section>.<key>); llm-compressor
     variants also the calibration token ids. `dtype` is the run dtype (model.dtype), which
-    only the noise null (fp-noise) reads: it records the other dtype to run in.
+    only the noise null (fp-noise) reads: it records the other dtype to run in. A
+    protect- variant takes the plan its protect job chose (`protect.Plan.to_dict()`).
     """
     variant = parse_variant(variant_name)
     out_dir = Path(out_dir)
@@ -155,6 +161,13 @@ def write_checkpoint(
             if entry is None:
                 raise ValueError(f"variant {variant.name!r} needs its config entry")
             method = write_shipped(model, str(base), variant, entry, calibration, tmp, revision)
+        elif variant.kind == "protect":
+            from .protect import Plan, protected_state
+
+            if plan is None:
+                raise ValueError(f"variant {variant.name!r} needs its protect plan")
+            payload, method = protected_state(model, Plan.from_dict(plan))
+            save_file(payload, tmp / TENSORS)
         else:
             payload, method = compress_state(model, variant, sparsity=sparsity, run_dtype=dtype)
             save_file(payload, tmp / TENSORS)

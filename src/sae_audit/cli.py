@@ -99,9 +99,11 @@ def _flag(param: inspect.Parameter) -> tuple[dict[str, Any], Callable[[Any], Any
         return {**keywords, "nargs": nargs, "metavar": "NAME=PATH"}, lambda v: _pairs(v or [])
     if _takes_json(note):  # a config section or other JSON
         return {**keywords, "type": json.loads, "metavar": "JSON"}, lambda v: v
+    if note.startswith("list[str]"):  # several names (e.g. variants), none allowed
+        return {**keywords, "nargs": "*", "metavar": "NAME"}, lambda v: list(v or [])
     if note.startswith("Paths"):  # several paths
         return {**keywords, "nargs": "*" if optional else "+", "metavar": "PATH"}, lambda v: v
-    if note == "bool":
+    if note in ("bool", "bool | None"):
         return {**keywords, "type": _json_bool, "metavar": "true|false"}, lambda v: v
     if note == "int":
         return {**keywords, "type": int}, lambda v: v
@@ -126,6 +128,44 @@ OPTION_HELP: dict[str, str] = {
     "feature_table.title": "the page's title",
     "feature_table.out": "the HTML page to write",
     "table_docs.out": "the page to write: .html (the report's), .md or .rst",
+    "compress.plan": "the protect job's directory (`sae-audit protect`), at most one: the plan "
+    "a protect- variant is built from",
+    "forecast.variants": "JSON: {variant: its config entry or null}: the variants to forecast "
+    "(those without a noise model are skipped)",
+    "forecast.matched": "each matched-pruning variant's search result, VARIANT=PATH: its sparsity",
+    "forecast.tokens": "the evaluation token shards; the forecast runs on the first "
+    "forecast.n_sequences sequences",
+    "forecast.out": "the per-feature forecast table to write (parquet)",
+    "forecast.sources_out": "the per-source (block matrix) forecast table to write (parquet)",
+    "forecast_accuracy.forecast": "the forecast table (`sae-audit forecast`)",
+    "forecast_accuracy.fit_on": "the variants the combined predictor is fitted on for "
+    "transfer (forecast.fit_on); none: no transfer rows",
+    "forecast_accuracy.out": "the accuracy table to write (parquet)",
+    "protect.entry": "JSON: the protect entry (compression.protect.<key>): levels, budget, "
+    "survived_r",
+    "protect.tokens": "the evaluation token shards; the forecast runs on the first "
+    "forecast.n_sequences sequences",
+    "protect.out": "the directory to write: plan.json, protect.json, plan.parquet, "
+    "quantization_config.json, recipe.yaml, tensor_types.txt",
+    "protect_outcome.plans": "each protect- variant's protect directory, VARIANT=DIR",
+    "protect_outcome.checkpoints": "each protect- variant's built checkpoint, VARIANT=DIR",
+    "protect_outcome.out": "the predicted-against-achieved table to write (parquet)",
+    "gate.configfile": "the workflow's config file: stands for every flag below but "
+    "--enforce (results, bases, base models, SAEs, watchlist, thresholds, policy)",
+    "gate.results": "the results directory of a finished run",
+    "gate.bases": 'JSON: the (model, SAE) bases to certify, [["fixture", "res"], ...]',
+    "gate.policy": "the policy file (YAML; see sae_audit/policy.yaml)",
+    "gate.base_dirs": "each model's base model, MODEL=DIR, or MODEL=hub:ID for a hub model "
+    "(hashed by its id)",
+    "gate.sae_dirs": "each SAE, MODEL/SAE=DIR for one on disk or MODEL/SAE=hub:RELEASE/ID for "
+    "one loaded by release (hashed by its id)",
+    "gate.report": "the report's path the certificates name",
+    "gate.causal": "true: causal survival was measured (causal.enabled), its table is read "
+    "and checked; default true, or the config's with --configfile",
+    "gate.enforce": "true (default): exit 1 when a release candidate violates the policy, "
+    "after writing everything; false: only write (the workflow's gate job)",
+    "gate.out": "the certificates directory to write (default <results>/certificates)",
+    "gate.table_out": "the checks table to write (default <results>/tables/gate.parquet)",
     "base": "the FP base model: a hub id or a local model directory",
     "bos": "true: the token set starts every sequence with BOS (tokens.bos), "
     "dropped before the stream is read",

@@ -25,7 +25,7 @@ import yaml
 from jsonschema import validators
 
 from .hooknames import HOOK_PATTERN, SUPPORTED, pretrained_hook
-from .variants import SHIPPED, parse_variant, prune_name, rtn_name, shipped_name
+from .variants import SHIPPED, parse_variant, protect_name, prune_name, rtn_name, shipped_name
 
 FIXTURE = "fixture"
 # A model source beside 'fixture': the planted control fixture_reparam builds from the
@@ -296,6 +296,108 @@ def _check_causal(config: dict[str, Any]) -> None:
         )
 
 
+def check_protect_entry(entry: Mapping[str, Any], where: str) -> None:
+    """A protect entry's levels: the first (the base) is the cheapest, none repeats."""
+    levels = [(lv["bits"], lv.get("group_size")) for lv in entry["levels"]]
+    if len(set(levels)) != len(levels):
+        raise ConfigError(f"config key '{where}.levels': a level is listed twice: {levels}")
+
+    def cost(bits: int | None, group: int | None) -> float:
+        # storage bits per weight of a wide matrix: codes, and one fp16 scale per group
+        return 16.0 if bits is None else bits + (16.0 / group if group else 0.0)
+
+    if levels[0][0] is None or any(cost(*lv) <= cost(*levels[0]) for lv in levels[1:]):
+        raise ConfigError(
+            f"config key '{where}.levels': the first level is the base every block matrix "
+            f"starts at, so it must be quantized and cost the fewest bits per weight (scales "
+            f"included); got {levels}"
+        )
+
+
+def _check_protect(config: dict[str, Any]) -> None:
+    for key, entry in config["compression"].get("protect", {}).items():
+        where = f"compression.protect.{key}"
+        check_protect_entry(entry, where)
+        sae = entry.get("sae")
+        for model, spec in config["models"].items():
+            if sae is not None and sae not in spec["saes"]:
+                raise ConfigError(
+                    f"config key '{where}.sae': {sae!r} is not an SAE of model {model!r}"
+                    f"{_suggest(sae, list(spec['saes']))}; choose from {sorted(spec['saes'])} "
+                    "or null (each model's first SAE)"
+                )
+
+
+def _check_watchlist(config: dict[str, Any]) -> None:
+    path = config["watchlist"]["file"]
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(
+            f"config key 'watchlist.file': {path} is not a file (a text file of feature ids, "
+            "one per line; relative to the working directory), or null for the top features"
+        )
+
+
+def _check_forecast(config: dict[str, Any]) -> None:
+    names = variant_names(config)
+    for key in ("measure", "fit_on"):
+        for name in config["forecast"][key]:
+            if name not in names:
+                raise ConfigError(
+                    f"config key 'forecast.{key}': {name!r} is not a configured variant"
+                    f"{_suggest(name, names)}; choose from {names}"
+                )
+    for key in ("measure", "fit_on"):
+        for name in config["forecast"][key]:
+            v = parse_variant(name)
+            entry = shipped_entry(config, name)
+            modelled = v.kind in ("rtn", "prune", "prune-matched", "llmcompressor") or (
+                v.kind == "gguf" and entry is not None and entry[1]["type"] in ("Q8_0", "Q4_0")
+            )
+            if not modelled:
+                raise ConfigError(
+                    f"config key 'forecast.{key}': {name!r} is not forecast (no noise model: "
+                    "the forecast models RTN, pruning, llm-compressor presets and GGUF Q8_0 / "
+                    "Q4_0, not null, external or protected variants)"
+                )
+    for name in config["forecast"]["measure"]:
+        if parse_variant(name).kind not in ("rtn", "prune", "prune-matched", "gguf"):
+            raise ConfigError(
+                f"config key 'forecast.measure': {name!r} has no per-matrix compression to "
+                "quantize one matrix at a time; use RTN, pruning or GGUF variants"
+            )
+
+
+# The release policy gate.policy null means: the package's (sae_audit.gate reads it).
+DEFAULT_POLICY = Path(__file__).with_name("policy.yaml")
+
+
+def gate_policy(config: Mapping[str, Any]) -> Path:
+    """The release gate's policy file: gate.policy, or the package's default."""
+    return Path(config["gate"]["policy"] or DEFAULT_POLICY)
+
+
+def _check_gate(config: dict[str, Any]) -> None:
+    from .gate import read_policy
+
+    path = gate_policy(config)
+    if not path.is_file():
+        raise ConfigError(
+            f"config key 'gate.policy': {path} is not a file (the release policy, YAML; "
+            "copy the package's sae_audit/policy.yaml)"
+        )
+    try:
+        policy = read_policy(path)
+    except ValueError as e:  # InputError names the file and key
+        raise ConfigError(f"config key 'gate.policy': {e}") from e
+    names = variant_names(config)
+    for name in policy.variants or ():
+        if name not in names:
+            raise ConfigError(
+                f"config key 'gate.policy': {path} names release candidate {name!r}, which "
+                f"is not a configured variant{_suggest(name, names)}; choose from {names}"
+            )
+
+
 def check_threshold_grid(grid: Mapping[str, Any], where: str = "threshold_grid") -> None:
     survived, destroyed = list(grid["survived"]), list(grid["destroyed"])
     if not any(d <= s for s in survived for d in destroyed):
@@ -401,6 +503,10 @@ def _cross_check(config: dict[str, Any]) -> None:
     _check_shipped(config)
     _check_analysis(config)
     _check_causal(config)
+    _check_protect(config)
+    _check_watchlist(config)
+    _check_forecast(config)
+    _check_gate(config)
     _check_fixture(config)
     for model, spec in config["models"].items():
         sae_sources = [sae.get("source") for sae in spec["saes"].values()]
@@ -952,6 +1058,76 @@ def calibrated_variants(config: Mapping[str, Any]) -> list[str]:
     return [shipped_name("llmcompressor", k) for k in config["compression"]["llmcompressor"]]
 
 
+# ---------------------------------------------------------------- where a model's parts live
+def fixture_model_dirs(results: str) -> dict[str, str]:
+    """The model directories the fixture rules build, by model source: the trained fixture
+    and the planted control (rule fixture_reparam, a reparameterized copy of it)."""
+    return {
+        FIXTURE: f"{results}/fixture/model",
+        FIXTURE_REPARAM: f"{results}/fixture/model-reparam",
+    }
+
+
+def base_model_path(config: Mapping[str, Any], model: str) -> str:
+    """The FP model's source: a built fixture model, or a hub id / local path from the config."""
+    source = str(config["models"][model]["model"]["source"])
+    return fixture_model_dirs(config["results"]).get(source, source)
+
+
+def local_sae_dirs(config: Mapping[str, Any], model: str) -> dict[str, str]:
+    """SAEs of a model that live on disk, name -> directory (the fixture's, or a configured
+    path); the others load by release and id."""
+    dirs = {}
+    for name, spec in config["models"][model]["saes"].items():
+        if spec.get("source") == FIXTURE:
+            dirs[name] = f"{config['results']}/fixture/sae"
+        elif "path" in spec:
+            dirs[name] = spec["path"]
+    return dirs
+
+
+# What a certificate hashes of a source given by its hub id (sae_audit.gate.HUB_PREFIX).
+HUB_PREFIX = "hub:"
+
+
+def sae_sources(config: Mapping[str, Any], model: str) -> dict[str, str]:
+    """Every SAE of a model, name -> its directory when on disk, else `hub:release/sae_id`
+    (what pins it on the hub): what a certificate hashes."""
+    local = local_sae_dirs(config, model)
+    return {
+        name: local.get(name) or f"{HUB_PREFIX}{spec.get('release')}/{spec.get('sae_id')}"
+        for name, spec in config["models"][model]["saes"].items()
+    }
+
+
+def base_model_source(config: Mapping[str, Any], model: str) -> str:
+    """The FP model as a certificate hashes it: a built fixture model or a local directory
+    (its files), else `hub:<id>` (check_model_source has told the two apart at start-up)."""
+    path = base_model_path(config, model)
+    if config["models"][model]["model"]["source"] in FIXTURE_MODELS or _looks_like_path(path):
+        return path
+    return path if Path(path).is_dir() else f"{HUB_PREFIX}{path}"
+
+
+def protect_variants(config: Mapping[str, Any]) -> list[str]:
+    """protect- variants, in config order (compression.protect)."""
+    return [protect_name(key) for key in config["compression"].get("protect", {})]
+
+
+def protect_entry(config: Mapping[str, Any], variant: str) -> dict[str, Any] | None:
+    """The compression.protect entry of a protect- variant; None for any other variant."""
+    v = parse_variant(variant)
+    if v.kind != "protect":
+        return None
+    return dict(config["compression"]["protect"][v.key])
+
+
+def protect_sae(config: Mapping[str, Any], model: str, key: str) -> str:
+    """The SAE whose watchlist entry `key` protects in `model` (its `sae`, or the first)."""
+    name = config["compression"]["protect"][key].get("sae")
+    return name if name is not None else next(iter(config["models"][model]["saes"]))
+
+
 def matched_variants(config: Mapping[str, Any]) -> list[str]:
     return [f"prune-matched-{t}" for t in config["compression"]["prune"]["matched"]["targets"]]
 
@@ -964,6 +1140,7 @@ def variant_names(config: Mapping[str, Any]) -> list[str]:
         + shipped_variants(config)
         + [prune_name(s) for s in prune["sparsities"]]
         + matched_variants(config)
+        + protect_variants(config)
     )
     if config["stability"]["null_run"]:
         names.append("fp-null")

@@ -59,7 +59,7 @@ def variant_bits(name: str, variants: VariantBits | None = None) -> int | None:
 def variant_order_key(name: str, variants: VariantBits | None = None) -> tuple:
     """FP; every variant with weight bits, most bits first (RTN, then llm-compressor, GGUF,
     external at the same bits); pruning by sparsity; matched pruning by its target's bits;
-    shipped formats without weight bits (KV-cache only); the null run, then the noise null
+    protected (mixed-precision) variants; shipped formats without weight bits (KV-cache only); the null run, then the noise null
     beside it; unknown names."""
     v = _parsed(name)
     if v is None:
@@ -74,6 +74,8 @@ def variant_order_key(name: str, variants: VariantBits | None = None) -> tuple:
     if v.kind == "prune-matched":
         target = variant_bits(v.target or "", variants)
         return (3, -float(target or 0), 0, name)
+    if v.kind == "protect":  # mixed precision: after the matched pruning
+        return (3, 1.0, 0, name)
     if v.kind in _BITS_KINDS:  # shipped, no weight bits
         return (4, 0.0, _BITS_KINDS[v.kind], name)
     if v.kind == "noise":  # the numeric-noise null, right after the null run

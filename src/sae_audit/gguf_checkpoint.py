@@ -21,7 +21,7 @@ converter registers MistralForCausalLM as a Llama model), qwen2 (arch "qwen2").
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +262,13 @@ def _name_map(model: nn.Module, model_type: str) -> dict[str, str]:
 # ---------------------------------------------------------------- writing
 
 
-def write_gguf(model: nn.Module, quant_type: str, path: str | Path) -> dict[str, Any]:
+def write_gguf(
+    model: nn.Module,
+    quant_type: str,
+    path: str | Path,
+    *,
+    tensor_types: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Write `model` (float32 HF causal LM) as a GGUF file whose block matrices are `quant_type`.
 
     Only the matrices `target_weights(model)` yields are quantized, so a GGUF variant
@@ -271,16 +277,27 @@ def write_gguf(model: nn.Module, quant_type: str, path: str | Path) -> dict[str,
     raised before anything is written. A tied output head is not written (as the
     converter, which never sees it in a tied checkpoint). Written atomically.
     Returns {arch, quant_type, n_quantized, n_tensors, file_size} for the manifest.
+
+    `tensor_types` ({HF param name: type name}, e.g. from `sae_audit.protect.gguf_types`)
+    overrides `quant_type` per block matrix, as llama-quantize's --tensor-type does, so a
+    mixed-precision plan can be written; `quant_type` stays the file's general.file_type and
+    the info gains `tensor_types`. Only block matrices may be named (ValueError otherwise).
     """
     model_type = _model_type(model)
     qtype = _qtype(quant_type)
+    overrides = {name: _qtype(t) for name, t in (tensor_types or {}).items()}
     arch = _arch_name(model_type)
-    block_size = gguf.GGML_QUANT_SIZES[qtype][0]
     names = _name_map(model, model_type)
     reorders = _reorders(model, model_type)
     targets = {name for name, _ in target_weights(model)}
     tied = _tied_names(model)
     tied_head = tied[1] if tied else None
+    stray = sorted(set(overrides) - targets)
+    if stray:
+        raise ValueError(
+            f"tensor_types names {stray[:5]}, which are not block matrices of this model "
+            "(only the matrices target_weights yields are quantized)"
+        )
 
     tensors: list[tuple[str, np.ndarray, QT]] = []
     for name, tensor in model.state_dict().items():
@@ -292,13 +309,15 @@ def write_gguf(model: nn.Module, quant_type: str, path: str | Path) -> dict[str,
             data = pair[0](data)
         data = np.ascontiguousarray(data, dtype=np.float32)
         if name in targets:
+            tensor_qtype = overrides.get(name, qtype)
+            block_size = gguf.GGML_QUANT_SIZES[tensor_qtype][0]
             if data.shape[-1] % block_size:
                 raise ValueError(
                     f"{name} ({names[name]}): shape {tuple(tensor.shape)} has rows of "
-                    f"{data.shape[-1]} values, not a multiple of the {quant_type} block "
+                    f"{data.shape[-1]} values, not a multiple of the {tensor_qtype.name} block "
                     f"size {block_size}; pick another type or a model whose widths fit"
                 )
-            tensors.append((names[name], data, qtype))
+            tensors.append((names[name], data, tensor_qtype))
         else:
             tensors.append((names[name], data, QT.F32))
 
@@ -318,13 +337,16 @@ def write_gguf(model: nn.Module, quant_type: str, path: str | Path) -> dict[str,
             writer.write_tensors_to_file()
         finally:
             writer.close()
-    return {
+    info: dict[str, Any] = {
         "arch": arch,
         "quant_type": quant_type,
         "n_quantized": len(targets),
         "n_tensors": len(tensors),
         "file_size": path.stat().st_size,
     }
+    if tensor_types is not None:
+        info["tensor_types"] = {name: overrides[name].name for name in sorted(overrides)}
+    return info
 
 
 # ---------------------------------------------------------------- our decoders

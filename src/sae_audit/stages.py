@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .encode import EncodeConfig
     from .fixture import CorpusConfig, ModelTrainConfig, SAETrainConfig, TokenizerConfig
     from .fixture.reparam import ReparamConfig
+    from .forecast import ForecastConfig
     from .match_sparsity import MatchedConfig
     from .models import ModelSpec
     from .outliers import OutliersConfig
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from .stability import StabilityConfig
     from .survival import SurvivalConfig
     from .threshold_grid import ThresholdGridConfig
+    from .watchlist import WatchlistConfig
 
 # Model-side stages import torch, transformers and sae-lens inside the function: the
 # table stages run in their own processes and should not pay seconds to import them.
@@ -272,6 +274,7 @@ def compress(
     matched: Paths | None = None,
     entry: Mapping[str, Any] | None = None,
     calibration: Paths | None = None,
+    plan: Paths | None = None,
     out: str | Path,
 ) -> str:
     """One variant's checkpoint from the base model; `matched` is the search result
@@ -279,7 +282,8 @@ def compress(
     (fp-noise) records the other dtype than `model.dtype` to run in.
 
     Shipped formats (lc-, gguf-, ext-) take their config `entry` (compression.<section>.<key>);
-    llm-compressor variants also the calibration token set (`calibration`).
+    llm-compressor variants also the calibration token set (`calibration`); protect- variants
+    the directory their protect job wrote (`plan`, at most one), whose plan.json they build.
     """
     from .checkpoints import read_manifest, write_checkpoint
     from .models import ModelSpec
@@ -295,6 +299,10 @@ def compress(
         search = read_json(searches[0], "match_sparsity")
         sparsity = float(search["sparsity"])
         extra["matched_search"] = search
+    plans = list(plan or [])
+    if len(plans) > 1:
+        raise ValueError(f"compress: at most one protect plan, got {plans}")
+    chosen = read_json(Path(plans[0]) / "plan.json", "protect") if plans else None
     path = write_checkpoint(
         base,
         variant,
@@ -305,6 +313,7 @@ def compress(
         entry=dict(entry) if entry else None,
         calibration=calibration_ids,
         dtype=spec.dtype,  # only fp-noise reads it (the rule passes it for that variant alone)
+        plan=chosen,
     )
     log.info("wrote %s (%s)", path, read_manifest(path)["method"])
     return str(path)
@@ -1070,3 +1079,380 @@ def table_docs(*, out: str | Path) -> dict[str, Any]:
     from .table_docs import write_docs
 
     return write_docs(out)
+
+
+# ---------------------------------------------------------------- acting on the audit
+def _one_sae(
+    saes: Mapping[str, Mapping[str, Any]],
+    sae_path: Mapping[str, str] | None,
+    device: Any,
+    stage_name: str,
+) -> tuple[str, Any]:
+    """The one SAE a forecast or protect job reads (`saes` names exactly one), loaded."""
+    from .saes import load_sae
+
+    if len(saes) != 1:
+        raise ValueError(f"{stage_name} reads one SAE at a time, got {sorted(saes)}")
+    ((name, sae_spec),) = saes.items()
+    return name, load_sae(dict(sae_spec), device=device, path=(sae_path or {}).get(name))
+
+
+def _forecast_model(spec: ModelSpec, base: str, device: Any) -> Any:
+    """The FP model as the forecast runs it: float32 (forward-mode AD in half precision
+    would drown the first-order terms) and eager attention (forward-AD formulas exist for
+    its matmuls and softmax, not for every fused attention kernel)."""
+    from .models import load_model
+
+    return load_model(
+        base, dtype="float32", revision=spec.revision, attn_implementation="eager", device=device
+    )
+
+
+@stage
+def forecast(
+    *,
+    model: ModelSpec | Mapping[str, Any],
+    saes: Mapping[str, Mapping[str, Any]],
+    encode: Mapping[str, Any],
+    forecast: ForecastConfig | Mapping[str, Any],
+    variants: Mapping[str, Any],
+    matched: Mapping[str, str] | None = None,
+    base: str,
+    sae_path: Mapping[str, str] | None = None,
+    tokens: Paths,
+    bos: bool = False,
+    out: str | Path,
+    sources_out: str | Path,
+) -> dict[str, Any]:
+    """Each variant's forecast feature damage from the FP model alone (`forecast`): its
+    noise model (`forecast.scheme_for_variant`: the variant's name, its config entry in
+    `variants`, a matched variant's searched sparsity from `matched`) propagated per
+    block matrix to every feature of the one SAE in `saes`, on the first
+    `forecast.n_sequences` sequences of `tokens`. Variants without a noise model are
+    skipped and logged. The per-source table also holds the leave-one-module-quantized
+    measurement of the variants in `forecast.measure`.
+    """
+    from .forecast import (
+        ForecastConfig,
+        forecast_table,
+        forecast_variances,
+        measure_source_variances,
+        scheme_for_variant,
+        source_table,
+    )
+    from .models import ModelSpec, resolve_device, target_weights
+    from .saes import check_compatible, sae_input
+    from .variants import parse_variant
+
+    spec = section(ModelSpec, model)
+    cfg = section(ForecastConfig, forecast)
+    device = resolve_device(str(encode.get("device", "auto")))
+    net = _forecast_model(spec, base, device)
+    name, sae = _one_sae(saes, sae_path, device, "forecast")
+    check_compatible(net, sae)
+    prepared = sae_input(sae, name, bos)
+    schemes = []
+    for variant, entry in variants.items():
+        sparsity = None
+        if matched and variant in matched:
+            sparsity = float(read_json(matched[variant], "match_sparsity")["sparsity"])
+        scheme = scheme_for_variant(parse_variant(variant), entry, sparsity)
+        if scheme is None:
+            log.info("%s: no noise model, not forecast", variant)
+            continue
+        schemes.append(scheme)
+    ids = load_token_ids(tokens)[: cfg.n_sequences]
+    import torch
+
+    token_tensor = torch.as_tensor(ids, dtype=torch.long)
+    result = forecast_variances(
+        net, sae, prepared, token_tensor, schemes,
+        n_samples=cfg.n_samples, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+    )  # fmt: skip
+    weights = [n for n, _ in target_weights(net) if n in result.sources]
+    measured = {}
+    for variant in cfg.measure:
+        scheme = next((s for s in schemes if s.name == variant), None)
+        if scheme is None:
+            raise InputError(f"forecast.measure: {variant!r} is not forecast (no noise model)")
+        measured[variant] = measure_source_variances(
+            net, sae, prepared, token_tensor, scheme, weights,
+            batch_size=cfg.batch_size, device=device,
+        )  # fmt: skip
+    table = forecast_table(result)
+    sources = source_table(result, measured=measured or None, sources_measured=weights)
+    write_parquet(table, out)
+    write_parquet(sources, sources_out)
+    return {
+        "variants": len(schemes),
+        "sources": len(result.sources),
+        "tokens": result.n_tokens,
+        "top_sources": sources.filter(pl.col("forecast_rank") == 1).select(
+            "variant", "source", "forecast_fraction"
+        ),
+    }
+
+
+@stage
+def forecast_accuracy(
+    *,
+    forecast: str | Path,
+    features: str | Path,
+    fit_on: list[str] | None = None,
+    predict: PredictConfig | Mapping[str, Any] | None = None,
+    out: str | Path,
+) -> pl.DataFrame:
+    """The forecast against the measured classes (`forecast.forecast_accuracy`): per
+    variant the Spearman of forecast and measured damage, the forecast's AUC for not
+    survived, the FP-statistics predictor (section `predict`: its predictors, folds and
+    seed) with and without it (CV AUC), and, fitted on each variant of `fit_on`, its AUC on
+    every other variant (transfer)."""
+    from .forecast import forecast_accuracy as accuracy
+    from .predict import PredictConfig
+
+    cfg = PredictConfig() if predict is None else section(PredictConfig, predict)
+    table = accuracy(
+        read_parquet(forecast),
+        read_parquet(features),
+        fit_on=fit_on or (),
+        seed=cfg.seed,
+        predictors=cfg.predictors,
+        folds=cfg.folds,
+    )
+    write_parquet(table, out)
+    return table
+
+
+@stage
+def protect(
+    *,
+    model: ModelSpec | Mapping[str, Any],
+    saes: Mapping[str, Mapping[str, Any]],
+    encode: Mapping[str, Any],
+    forecast: ForecastConfig | Mapping[str, Any],
+    entry: Mapping[str, Any],
+    watchlist: WatchlistConfig | Mapping[str, Any],
+    analysis: SurvivalConfig | Mapping[str, Any],
+    base: str,
+    sae_path: Mapping[str, str] | None = None,
+    tokens: Paths,
+    bos: bool = False,
+    fp_stats: str | Path,
+    out: str | Path,
+) -> dict[str, Any]:
+    """A protect recipe (`protect`): the watchlist's features forecast under every level of
+    `entry.levels` per block matrix, the levels chosen within `entry.budget` to keep the
+    most of them above `entry.survived_r` (default analysis.survived), written to the
+    directory `out`: plan.json (what compress builds), protect.json (the watchlist and the
+    predictions beside the plain base), plan.parquet, quantization_config.json
+    (compressed-tensors), recipe.yaml (llm-compressor) and tensor_types.txt (GGUF)."""
+    import torch
+
+    from .files import atomic_path
+    from .forecast import ForecastConfig, NoiseScheme, forecast_variances
+    from .models import ModelSpec, resolve_device
+    from .protect import (
+        Level,
+        compressed_tensors_config,
+        gguf_tensor_types,
+        llmcompressor_recipe,
+        module_shapes,
+        plan_protection,
+        plan_table,
+        predicted_r,
+        storage_bits,
+    )
+    from .saes import check_compatible, sae_input
+    from .survival import SurvivalConfig
+    from .watchlist import WatchlistConfig, watchlist_features
+
+    spec = section(ModelSpec, model)
+    cfg = section(ForecastConfig, forecast)
+    watch_cfg = section(WatchlistConfig, watchlist)
+    thresholds = section(SurvivalConfig, analysis)
+    device = resolve_device(str(encode.get("device", "auto")))
+    watch = watchlist_features(read_parquet(fp_stats), watch_cfg, thresholds.active_rate)
+    levels = [Level(_level_name(lv), lv["bits"], lv.get("group_size")) for lv in entry["levels"]]
+    schemes = [NoiseScheme(name=lv.name, weights=lv.spec) for lv in levels if lv.spec is not None]
+    net = _forecast_model(spec, base, device)
+    name, sae = _one_sae(saes, sae_path, device, "protect")
+    check_compatible(net, sae)
+    ids = torch.as_tensor(load_token_ids(tokens)[: cfg.n_sequences], dtype=torch.long)
+    result = forecast_variances(
+        net, sae, sae_input(sae, name, bos), ids, schemes,
+        n_samples=cfg.n_samples, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+    )  # fmt: skip
+    shapes = module_shapes(net)
+    source = {s: i for i, s in enumerate(result.sources)}
+    row = {sch.name: i for i, sch in enumerate(schemes)}
+    # [level, matrix, watched feature]: an unquantized level adds no noise, and a matrix
+    # past the SAE's hook has no source row (nothing it does reaches the SAE)
+    variance = np.zeros((len(levels), len(shapes), len(watch)))
+    for k, level in enumerate(levels):
+        for m, matrix in enumerate(shapes):
+            if level.spec is not None and matrix in source:
+                variance[k, m] = result.variance[row[level.name], source[matrix]][watch]
+    fp_variance = result.fp_variance[watch]
+    budget = entry["budget"]
+    r_min = entry.get("survived_r")
+    r_min = thresholds.survived if r_min is None else float(r_min)
+    plan = plan_protection(
+        variance, fp_variance, shapes, levels, survived_r=r_min,
+        budget_bits_per_weight=budget.get("bits_per_weight"), budget_bytes=budget.get("bytes"),
+    )  # fmt: skip
+    base_r = predicted_r(fp_variance, variance[0].sum(axis=0))
+    n_weights = sum(o * i for o, i in shapes.values())
+    record = {
+        "watchlist": {"ids": watch, "source": watch_cfg.source},
+        "budget": plan.budget,
+        "survived_r": r_min,
+        "predicted_survived": plan.predicted_survived,
+        "bits_per_weight": plan.bits_per_weight,
+        "base_predicted_survived": int((base_r >= r_min).sum()),
+        "base_bits_per_weight": sum(storage_bits(levels[0], sh) for sh in shapes.values())
+        / n_weights,
+        "solver": plan.solver,
+        "gap": plan.gap,
+        "forecast_tokens": result.n_tokens,
+        "shapes": {m: list(sh) for m, sh in shapes.items()},
+    }
+    with atomic_path(Path(out), directory=True) as tmp:
+        write_json(tmp / "plan.json", plan.to_dict())
+        write_json(tmp / "protect.json", record)
+        write_parquet(plan_table(plan, shapes), tmp / "plan.parquet")
+        write_json(tmp / "quantization_config.json", compressed_tensors_config(plan))
+        (tmp / "recipe.yaml").write_text(llmcompressor_recipe(plan))
+        try:
+            lines = gguf_tensor_types(plan, net)
+        except ValueError as e:  # a width with no GGUF type, or a family llama.cpp lacks
+            log.warning("no GGUF tensor types for this plan: %s", e)
+            lines = [f"# no GGUF tensor types for this plan: {e}"]
+        (tmp / "tensor_types.txt").write_text("\n".join(lines) + "\n")
+    log.info("watchlist: %s, %d features", watch_cfg.source, len(watch))
+    return {
+        **{k: v for k, v in record.items() if k not in ("watchlist", "shapes")},
+        "protected": {
+            m: levels[c].name for m, c in zip(plan.modules, plan.choice, strict=True) if c != 0
+        },
+    }
+
+
+def _level_name(level: Mapping[str, Any]) -> str:
+    """A protect level's name: int4, int8-g32, fp16 (unquantized)."""
+    if level["bits"] is None:
+        return "fp16"
+    group = level.get("group_size")
+    return f"int{level['bits']}" + (f"-g{group}" if group else "")
+
+
+@stage
+def protect_outcome(
+    *,
+    plans: Mapping[str, str],
+    checkpoints: Mapping[str, str],
+    features: str | Path,
+    out: str | Path,
+) -> pl.DataFrame:
+    """Each protected variant's predicted against achieved watchlist survival and size
+    (`protect.outcome_table`): `plans` and `checkpoints` map each protect- variant to its
+    protect directory and its built checkpoint."""
+    from .protect import outcome_table
+
+    table = outcome_table(
+        {v: read_json(Path(p) / "plan.json", "protect") for v, p in plans.items()},
+        {v: read_json(Path(p) / "protect.json", "protect") for v, p in plans.items()},
+        {v: Path(c) for v, c in checkpoints.items()},
+        read_parquet(features),
+    )
+    write_parquet(table, out)
+    return table
+
+
+@stage
+def gate(
+    *,
+    configfile: str | None = None,
+    results: str | Path | None = None,
+    bases: list[list[str]] | None = None,
+    policy: str | Path | None = None,
+    base_dirs: Mapping[str, str] | None = None,
+    sae_dirs: Mapping[str, str] | None = None,
+    watchlist: WatchlistConfig | Mapping[str, Any] | None = None,
+    analysis: SurvivalConfig | Mapping[str, Any] | None = None,
+    report: str | None = None,
+    causal: bool | None = None,
+    enforce: bool = True,
+    out: str | Path | None = None,
+    table_out: str | Path | None = None,
+) -> dict[str, Any]:
+    """The release gate (`gate.run_gate`): every variant of every (model, SAE) basis checked
+    against the `policy` file from the tables under `results`; a JSON certificate per
+    variant and junit.xml written under `out` (default <results>/certificates), the checks
+    as one table to `table_out` (default <results>/tables/gate.parquet). With `enforce` (the default, as
+    CI runs it) a violation by a release candidate exits 1 after everything is written.
+
+    After a finished run, `--configfile` (the workflow's config) stands for everything
+    else: its results directory, every basis, base model and SAE, watchlist, thresholds and
+    gate section, with the certificates in <results>/certificates; a flag given as well
+    overrides it. The workflow's own gate job passes every flag and `--enforce false`.
+    """
+    from . import config as audit_config
+    from .gate import PolicyViolation, run_gate
+    from .survival import SurvivalConfig
+    from .watchlist import WatchlistConfig, watchlist_features
+
+    if configfile is not None:
+        cfg = audit_config.load(configfile)
+        models = audit_config.model_names(cfg)
+        results = results or cfg["results"]
+        bases = bases or [[m, s] for m in models for s in audit_config.sae_names(cfg, m)]
+        policy = policy or audit_config.gate_policy(cfg)
+        base_dirs = base_dirs or {m: audit_config.base_model_source(cfg, m) for m in models}
+        sae_dirs = sae_dirs or {
+            f"{m}/{s}": d for m in models for s, d in audit_config.sae_sources(cfg, m).items()
+        }
+        watchlist = watchlist or cfg["watchlist"]
+        analysis = analysis or cfg["analysis"]
+        report = report or cfg["gate"]["report"]
+        causal = cfg["causal"]["enabled"] if causal is None else causal
+    missing = [
+        flag
+        for flag, value in (("--results", results), ("--bases", bases), ("--policy", policy))
+        if value is None
+    ]
+    if missing or base_dirs is None:
+        raise InputError(
+            f"gate: give --configfile (the workflow's config) or all of --results, --bases, "
+            f"--policy and --base-dirs; missing {missing or ['--base-dirs']}"
+        )
+    assert results is not None and bases is not None and policy is not None
+    results = Path(results)
+    out = Path(out) if out is not None else results / "certificates"
+    watch_cfg = WatchlistConfig() if watchlist is None else section(WatchlistConfig, watchlist)
+    active_rate = (
+        SurvivalConfig() if analysis is None else section(SurvivalConfig, analysis)
+    ).active_rate
+    watchlists = {
+        (m, s): watchlist_features(
+            read_parquet(results / "features" / m / s / "fp_stats.parquet"), watch_cfg, active_rate
+        )
+        for m, s in bases
+    }
+    failed = run_gate(
+        results,
+        [(m, s) for m, s in bases],
+        Path(policy),
+        out,
+        base_dirs={m: Path(d) for m, d in base_dirs.items()},
+        sae_dirs={
+            (k.split("/", 1)[0], k.split("/", 1)[1]): Path(d) for k, d in (sae_dirs or {}).items()
+        },
+        watchlists=watchlists,
+        watchlist_sources={(m, s): watch_cfg.source for m, s in bases},
+        report_path=report or "report.html",
+        table_out=Path(table_out) if table_out is not None else results / "tables" / "gate.parquet",
+        causal=True if causal is None else causal,
+    )
+    if failed and enforce:
+        raise PolicyViolation(failed)
+    return {"certificates": str(out), "failed": failed}

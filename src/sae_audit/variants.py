@@ -13,6 +13,7 @@ Grammar:
   lc-{key}                    made by llm-compressor's oneshot: compression.llmcompressor.{key}
   gguf-{key}                  written as a GGUF file: compression.gguf.{key}
   ext-{key}                   an artifact made elsewhere: compression.external.{key}
+  protect-{key}               mixed-precision RTN protecting a watchlist: compression.protect.{key}
 
 The shipped-format names (lc, gguf, ext) carry only the config key: what they do lives
 in that config entry, which the compress rule passes (so editing it re-makes the variant).
@@ -26,7 +27,16 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 VariantKind = Literal[
-    "fp", "null", "noise", "rtn", "prune", "prune-matched", "llmcompressor", "gguf", "external"
+    "fp",
+    "null",
+    "noise",
+    "rtn",
+    "prune",
+    "prune-matched",
+    "llmcompressor",
+    "gguf",
+    "external",
+    "protect",
 ]
 # Config section under `compression` and name prefix of each shipped-format kind.
 SHIPPED: dict[str, tuple[str, VariantKind]] = {
@@ -42,6 +52,7 @@ _RTN = re.compile(
 _SHIPPED = re.compile(rf"^(?P<prefix>lc|gguf|ext)-(?P<key>{KEY_PATTERN})$")
 _PRUNE = re.compile(r"^prune-(?P<sparsity>0?\.\d+|0)$")
 _MATCHED = re.compile(r"^prune-matched-(?P<target>.+)$")
+_PROTECT = re.compile(rf"^protect-(?P<key>{KEY_PATTERN})$")
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,11 @@ def shipped_name(section: str, key: str) -> str:
     return f"{SHIPPED[section][0]}-{key}"
 
 
+def protect_name(key: str) -> str:
+    """The variant of entry `key` of compression.protect."""
+    return f"protect-{key}"
+
+
 def prune_name(sparsity: float) -> str:
     # Shortest decimal that round-trips, so 0.175 stays "0.175" and 0.5 is "0.5".
     return f"prune-{sparsity!r}" if 0 < sparsity < 1 else f"prune-{sparsity}"
@@ -112,6 +128,8 @@ def parse_variant(name: str) -> Variant:
     if m := _SHIPPED.match(name):
         kind = next(k for p, k in SHIPPED.values() if p == m["prefix"])
         return Variant(name=name, kind=cast(VariantKind, kind), key=m["key"])
+    if m := _PROTECT.match(name):
+        return Variant(name=name, kind="protect", key=m["key"])
     if m := _MATCHED.match(name):
         target = parse_variant(m["target"])
         if target.kind in ("fp", "null", "noise", "prune-matched"):
@@ -127,7 +145,7 @@ def parse_variant(name: str) -> Variant:
         return Variant(name=name, kind="prune", sparsity=sparsity)
     raise ValueError(
         f"unknown variant {name!r}: expected 'fp', 'fp-null', 'fp-noise', "
-        "'rtn-int<b>[-g<G>][-asym|-full]', 'prune-<sparsity>', 'prune-matched-<target>', 'lc-<key>', 'gguf-<key>' or 'ext-<key>'"
+        "'rtn-int<b>[-g<G>][-asym|-full]', 'prune-<sparsity>', 'prune-matched-<target>', 'lc-<key>', 'gguf-<key>', 'ext-<key>' or 'protect-<key>'"
     )
 
 

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from sae_audit import config as audit_config
-from sae_audit.config import FIXTURE, FIXTURE_REPARAM, encode_hash
+from sae_audit.config import FIXTURE, encode_hash
 from sae_audit.fixture import bundle as fixture_bundle
 
 R = config["results"]
@@ -54,12 +54,8 @@ def dumps(*slices, **named):
     )
 
 
-# The model directories the fixture rules build, by model source: the trained fixture
-# and the planted control (rule fixture_reparam, a reparameterized copy of it).
-FIXTURE_MODEL_DIRS = {
-    FIXTURE: f"{R}/fixture/model",
-    FIXTURE_REPARAM: f"{R}/fixture/model-reparam",
-}
+# The model directories the fixture rules build, by model source (config.fixture_model_dirs).
+FIXTURE_MODEL_DIRS = audit_config.fixture_model_dirs(R)
 
 
 def fixture_model_dir(source=FIXTURE):
@@ -79,8 +75,7 @@ def bundle_manifest(wildcards):
 
 def base_model(wildcards):
     """The FP model's source: a built fixture model, or a hub id / local path from the config."""
-    source = model_cfg(wildcards.model)["model"]["source"]
-    return FIXTURE_MODEL_DIRS.get(source, source)
+    return audit_config.base_model_path(config, wildcards.model)
 
 
 def base_model_input(wildcards):
@@ -90,13 +85,7 @@ def base_model_input(wildcards):
 
 def sae_dirs(model):
     """SAEs of a model that live on disk, name -> directory (the fixture's, or a configured path)."""
-    dirs = {}
-    for name, spec in model_cfg(model)["saes"].items():
-        if spec.get("source") == FIXTURE:
-            dirs[name] = f"{R}/fixture/sae"
-        elif "path" in spec:
-            dirs[name] = spec["path"]
-    return dirs
+    return audit_config.local_sae_dirs(config, model)
 
 
 def twin_sae_dir(model, sae):
@@ -210,8 +199,13 @@ def all_targets():
         targets.append(f"{R}/tables/{model}/outliers.parquet")
         for sae in saes(model):
             targets += basis_targets(model, sae)
-    # the report's page of every output table's columns (rule table_docs)
-    return targets + fixture_training_targets() + [f"{R}/report/columns.html"]
+    # the report's page of every output table's columns (rule table_docs); the release
+    # gate's certificates (rule gate)
+    return (
+        targets
+        + fixture_training_targets()
+        + [f"{R}/report/columns.html", f"{R}/certificates"]
+    )
 
 
 # The causal section split by who reads it: the class thresholds only re-class measured
@@ -246,8 +240,67 @@ def basis_targets(model, sae):
             "equal_bits",
             *(["seed_turnover"] if twin_sae_dir(model, sae) else []),
             *(["causal_survival"] if CAUSAL else []),
+            *(["forecast_accuracy"] if FORECAST else []),
+            *(["protect"] if protect_keys(model, sae) else []),
         )
     ] + figure_targets(model, sae)
+
+
+# ---------------------------------------------------------------- forecast, protect, gate
+FORECAST = config["forecast"]["enabled"]
+# What the forecast's passes read (the variants' noise models come with --variants).
+FORECAST_CONFIG = {
+    k: config["forecast"][k]
+    for k in ("n_sequences", "n_samples", "batch_size", "seed", "measure")
+}
+# Variants the forecast may model, with their config entry (shipped formats) or null; the
+# stage skips those without a noise model (logged). Nulls, external artifacts and protected
+# variants are not forecast here (protect forecasts its own plan).
+FORECAST_VARIANTS = {
+    v: (found[1] if (found := audit_config.shipped_entry(config, v)) else None)
+    for v in VARIANTS
+    if v not in ("fp-null", "fp-noise") and not v.startswith(("ext-", "protect-"))
+}
+FORECAST_MATCHED = [v for v in FORECAST_VARIANTS if v.startswith("prune-matched-")]
+WATCHLIST_FILES = [config["watchlist"]["file"]] if config["watchlist"]["file"] else []
+PROTECT_KEYS = list(config["compression"].get("protect", {}))
+
+
+def protect_keys(model, sae):
+    """The compression.protect entries that protect this basis's SAE in this model."""
+    return [
+        k for k in PROTECT_KEYS if audit_config.protect_sae(config, model, k) == sae
+    ]
+
+
+def protect_fp_stats(wildcards):
+    """The FP statistics of the SAE a protect entry watches (its watchlist's source)."""
+    model = wildcards.model
+    sae = audit_config.protect_sae(config, model, wildcards.key)
+    return f"{R}/features/{model}/{sae}/fp_stats.parquet"
+
+
+def protect_plan_input(wildcards):
+    """A protect- variant is built from the plan its protect job wrote."""
+    if wildcards.variant.startswith("protect-"):
+        return [f"{R}/protect/{wildcards.model}/{wildcards.variant[len('protect-'):]}"]
+    return []
+
+
+# The tables the gate reads, per basis (causal only when measured).
+GATE_TABLES = [
+    f"{R}/tables/{m}/{s}/{t}.parquet"
+    for m in MODELS
+    for s in saes(m)
+    for t in (
+        "survival",
+        "features",
+        *(["causal_survival"] if config["causal"]["enabled"] else []),
+    )
+] + [f"{R}/tables/{m}/perplexity.parquet" for m in MODELS]
+GATE_FIXTURE_SOURCES = sorted(
+    {model_cfg(m)["model"]["source"] for m in MODELS} & set(FIXTURE_MODEL_DIRS)
+)
 
 
 def shipped_entry(wildcards):
@@ -352,6 +405,8 @@ REPORT_TABLES = [
     "damaged_contexts",
     "equal_bits",
     *(["causal_survival", "causal_disagreements"] if CAUSAL else []),
+    *(["forecast_accuracy"] if FORECAST else []),
+    *(["protect"] if PROTECT_KEYS else []),
 ]
 
 

@@ -8,6 +8,7 @@ rule compress:
         matched=matched_input,
         calibration=calibration_input,
         external=external_input,
+        plan=protect_plan_input,
     output:
         directory(f"{R}/checkpoints/{{model}}/{{variant}}"),
     log:
@@ -36,7 +37,7 @@ rule compress:
         entry=shipped_entry,
     shell:
         "sae-audit compress --model {params.model:q} --base {params.base:q} --variant {wildcards.variant:q} "
-        "--matched {input.matched:q} --entry {params.entry:q} --calibration {input.calibration:q} "
+        "--matched {input.matched:q} --entry {params.entry:q} --calibration {input.calibration:q} --plan {input.plan:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
