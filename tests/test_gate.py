@@ -475,7 +475,8 @@ def test_junit_counts(tmp_path: Path) -> None:
 
 
 def test_junit_xml_parses_with_junitparser() -> None:
-    junitparser = pytest.importorskip("junitparser")
+    import junitparser
+
     checks = [
         gate.Check("min_survived_pct", 50.0, 80.0, ">=", False, True),
         gate.Check("min_causal_survived_pct", None, 50.0, ">=", True, False),

@@ -28,6 +28,7 @@ from sae_audit.protect import (
     gguf_types,
     llmcompressor_recipe,
     module_shapes,
+    plan_for_watchlist,
     plan_protection,
     plan_table,
     predicted_r,
@@ -399,3 +400,31 @@ def test_module_shapes_are_out_in(neox_dir):
     shapes = module_shapes(model)
     for name, p in target_weights(model):
         assert shapes[name] == tuple(as_out_in(p, model).shape)
+
+
+def test_levels_from_entries_are_named_by_bits_and_group() -> None:
+    assert Level.from_entry({"bits": 4}) == Level("int4", 4, None)
+    assert Level.from_entry({"bits": 8, "group_size": 32}) == Level("int8-g32", 8, 32)
+    assert Level.from_entry({"bits": None}) == Level("fp16", None, None)
+
+
+def test_plan_for_watchlist_reads_the_forecast_rows_of_the_watched_features() -> None:
+    from sae_audit.forecast import Forecast
+
+    shapes = {"a.weight": (64, 64), "b.weight": (64, 64), "late.weight": (64, 64)}
+    levels = [INT4, INT8]
+    # sources: a and b only (late comes after the hook); features 0..3, watch 1 and 3
+    variance = np.zeros((2, 2, 4))
+    variance[0, 1] = [0.0, 3.0, 0.0, 3.0]  # b at int4 ruins the watched features
+    variance[1, 1] = [0.0, 0.003, 0.0, 0.003]
+    forecast = Forecast(
+        schemes=["int4", "int8"], sources=["a.weight", "b.weight"], variance=variance,
+        fp_mean=np.zeros(4), fp_variance=np.ones(4), n_tokens=128,
+    )  # fmt: skip
+    plan, record = plan_for_watchlist(
+        forecast, shapes, levels, [1, 3], survived_r=0.9, budget={"bits_per_weight": 6.0}
+    )
+    assert [plan.levels[c].name for c in plan.choice] == ["int4", "int8", "int4"]
+    assert (record["predicted_survived"], record["base_predicted_survived"]) == (2, 0)
+    assert record["base_bits_per_weight"] == pytest.approx(4 + 16 / 64)
+    assert record["shapes"]["late.weight"] == [64, 64]

@@ -25,7 +25,15 @@ import yaml
 from jsonschema import validators
 
 from .hooknames import HOOK_PATTERN, SUPPORTED, pretrained_hook
-from .variants import SHIPPED, parse_variant, protect_name, prune_name, rtn_name, shipped_name
+from .variants import (
+    FORECAST_GGUF_TYPES,
+    SHIPPED,
+    parse_variant,
+    protect_name,
+    prune_name,
+    rtn_name,
+    shipped_name,
+)
 
 FIXTURE = "fixture"
 # A model source beside 'fixture': the planted control fixture_reparam builds from the
@@ -337,6 +345,22 @@ def _check_watchlist(config: dict[str, Any]) -> None:
         )
 
 
+def forecast_variants(config: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """The variants the forecast models, each with its config entry (shipped formats) or
+    None: RTN, pruning, llm-compressor presets and the GGUF types it has a noise model for.
+    Nulls, external artifacts and protected variants are not forecast (protect forecasts
+    its own plan); the forecast stage still skips an llm-compressor entry it cannot model."""
+    out: dict[str, dict[str, Any] | None] = {}
+    for name in variant_names(config):
+        kind = parse_variant(name).kind
+        found = shipped_entry(config, name)
+        if kind in ("rtn", "prune", "prune-matched", "llmcompressor") or (
+            kind == "gguf" and found is not None and found[1]["type"] in FORECAST_GGUF_TYPES
+        ):
+            out[name] = found[1] if found else None
+    return out
+
+
 def _check_forecast(config: dict[str, Any]) -> None:
     names = variant_names(config)
     for key in ("measure", "fit_on"):
@@ -346,18 +370,14 @@ def _check_forecast(config: dict[str, Any]) -> None:
                     f"config key 'forecast.{key}': {name!r} is not a configured variant"
                     f"{_suggest(name, names)}; choose from {names}"
                 )
+    modelled = forecast_variants(config)
     for key in ("measure", "fit_on"):
         for name in config["forecast"][key]:
-            v = parse_variant(name)
-            entry = shipped_entry(config, name)
-            modelled = v.kind in ("rtn", "prune", "prune-matched", "llmcompressor") or (
-                v.kind == "gguf" and entry is not None and entry[1]["type"] in ("Q8_0", "Q4_0")
-            )
-            if not modelled:
+            if name not in modelled:
                 raise ConfigError(
                     f"config key 'forecast.{key}': {name!r} is not forecast (no noise model: "
-                    "the forecast models RTN, pruning, llm-compressor presets and GGUF Q8_0 / "
-                    "Q4_0, not null, external or protected variants)"
+                    "the forecast models RTN, pruning, llm-compressor presets and GGUF "
+                    f"{' / '.join(FORECAST_GGUF_TYPES)}, not null, external or protected variants)"
                 )
     for name in config["forecast"]["measure"]:
         if parse_variant(name).kind not in ("rtn", "prune", "prune-matched", "gguf"):

@@ -150,12 +150,16 @@ def read_json(path: str | Path, rule: str | None = None) -> Any:
         raise unreadable(path, e, rule) from e
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def update_digest(digest: Any, path: str | Path, chunk: int = 1 << 22) -> Any:
+    """Feed a file's bytes into `digest` (a hashlib object), streamed; return it."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    return update_digest(hashlib.sha256(), path, chunk).hexdigest()
 
 
 def finite(value: float | None) -> float | None:

@@ -45,10 +45,10 @@ from .prune import magnitude_mask
 from .quantize import RTNSpec, fake_quantize, quantize_rtn
 from .saes import SaeInput, sae_hook_name
 from .table_docs import polars_schema
-from .variants import Variant
+from .variants import FORECAST_GGUF_TYPES, Variant
 
 SQRT12 = math.sqrt(12.0)
-GGUF_TYPES = ("Q8_0", "Q4_0")
+GGUF_TYPES = FORECAST_GGUF_TYPES
 FLOAT_FORMATS = ("fp8",)
 ACTIVATION_FORMATS = ("int8", "fp8")
 KV_FORMATS = ("fp8", "int8")
@@ -936,26 +936,37 @@ def measure_source_variances(
     point = resolve_hook(model, sae_hook_name(sae))
     ids = tokens.to(device=device, dtype=torch.long)
     batches = [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
-    out = np.zeros((len(sources), int(sae.cfg.d_sae)))
+    d_sae = int(sae.cfg.d_sae)
+    squares, firsts = np.zeros((len(sources), d_sae)), np.zeros((len(sources), d_sae))
+    params = [targets[name] for name in sources]
     with torch.no_grad():
-        fp = _codes(model, sae, sae_in, point, batches)
-        for m, name in enumerate(progress.bar(list(sources), desc="measure", unit="source")):
-            param = targets[name]
-            original = param.data.clone()
-            try:
-                changed = compressed_weight(as_out_in(original, model), scheme)
-                param.data.copy_(from_out_in(changed, model).to(param.dtype))
-                variant = _codes(model, sae, sae_in, point, batches)
-            finally:
-                param.data.copy_(original)
-            first = np.zeros(out.shape[1])
-            for a, b in zip(variant, fp, strict=True):
-                out[m] += _sum_squares(a - b)
-                first += (
-                    (a - b).reshape(-1, out.shape[1]).sum(dim=0, dtype=torch.float64).cpu().numpy()
-                )
-            # the change's variance over tokens, as the forecast's (its mean taken out)
-            out[m] = np.maximum(out[m] - first**2 / max(int(ids.numel()), 1), 0.0)
+        # each matrix compressed once; batch by batch, FP codes once and each matrix swapped
+        # in and back, so no tokens x features matrix outlives its batch
+        compressed = [
+            from_out_in(compressed_weight(as_out_in(p.data, model), scheme), model).to(p.dtype)
+            for p in params
+        ]
+        with progress.bar(
+            total=len(batches) * len(params), desc="measure", unit="source-batch"
+        ) as bar:
+            for batch in batches:
+                (fp,) = _codes(model, sae, sae_in, point, [batch])
+                for m, (param, changed) in enumerate(zip(params, compressed, strict=True)):
+                    original = param.data.clone()
+                    try:
+                        param.data.copy_(changed)
+                        (variant,) = _codes(model, sae, sae_in, point, [batch])
+                    finally:
+                        param.data.copy_(original)
+                    diff = variant - fp
+                    squares[m] += _sum_squares(diff)
+                    firsts[m] += (
+                        diff.reshape(-1, d_sae).sum(dim=0, dtype=torch.float64).cpu().numpy()
+                    )
+                    bar.update(1)
+    n = max(int(ids.numel()), 1)
+    # the change's variance over tokens, as the forecast's (its mean taken out)
+    out = np.maximum(squares - firsts**2 / n, 0.0)
     return out / max(int(ids.numel()), 1)
 
 
@@ -1119,19 +1130,12 @@ def _design(table: pl.DataFrame, predictors: tuple[str, ...]) -> tuple[np.ndarra
 
 def _cv_auc(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> tuple[float | None, str | None]:
     """Mean stratified-CV ROC-AUC of predict.py's pipeline (None and why when undefined)."""
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
-
-    from .predict import _model
+    from .predict import cross_validated
 
     minority = int(min(y.sum(), y.size - y.sum()))
     if minority < folds:
         return None, f"minority class has {minority} members, fewer than folds={folds}"
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    aucs = []
-    for train, test in cv.split(x, y):
-        model = _model(seed).fit(x[train], y[train])
-        aucs.append(float(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1])))
+    aucs, _ = cross_validated(x, y, folds, seed)
     return float(np.mean(aucs)), None
 
 

@@ -45,6 +45,8 @@ from .files import (
     atomic_path,
     read_json,
     read_parquet,
+    sha256_file,
+    update_digest,
     write_json,
     write_parquet,
 )
@@ -214,18 +216,10 @@ def hash_path(path: str | Path) -> str:
     """
     path = Path(path)
     if path.is_file():
-        return "sha256:" + _file_digest(path).hexdigest()
+        return "sha256:" + sha256_file(path)
     if not path.is_dir():
         raise InputError(f"{path}: no such file or directory to hash")
     return _hash_files(path, _tree_files(path))
-
-
-def _file_digest(path: Path, digest: Any = None, chunk: int = 1 << 22) -> Any:
-    digest = hashlib.sha256() if digest is None else digest
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest
 
 
 def _tree_files(root: Path) -> list[str]:
@@ -257,7 +251,7 @@ def _hash_files(root: Path, relpaths: Sequence[str]) -> str:
         digest.update(len(name).to_bytes(8, "big"))
         digest.update(name)
         digest.update(file.stat().st_size.to_bytes(8, "big"))
-        _file_digest(file, digest)
+        update_digest(digest, file)
     return "sha256:" + digest.hexdigest()
 
 

@@ -113,6 +113,21 @@ def _model(seed: int) -> Pipeline:
     )
 
 
+def cross_validated(
+    x: np.ndarray, y: np.ndarray, folds: int, seed: int
+) -> tuple[list[float], np.ndarray]:
+    """The study's cross-validation: stratified shuffled folds, `_model` fitted on each
+    training part; the per-fold ROC AUCs and the out-of-fold probabilities. Both classes
+    must have at least `folds` members (the callers check and say why not)."""
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fold_aucs, oof = [], np.full(y.size, np.nan)
+    for train, test in cv.split(x, y):
+        proba = _model(seed).fit(x[train], y[train]).predict_proba(x[test])[:, 1]
+        oof[test] = proba
+        fold_aucs.append(float(roc_auc_score(y[test], proba)))
+    return fold_aucs, oof
+
+
 def predict_survival(
     feature_table: pl.DataFrame, cfg: PredictConfig = PredictConfig()
 ) -> dict[str, Any]:
@@ -183,13 +198,7 @@ def predict_survival(
     if minority < cfg.folds:
         out["reason"] = f"minority class has {minority} members, fewer than folds={cfg.folds}"
         return out
-    cv = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
-    fold_aucs = []
-    for train, test in cv.split(x, y):
-        model = _model(cfg.seed).fit(x[train], y[train])
-        proba = model.predict_proba(x[test])[:, 1]
-        out["oof_proba"][test] = proba
-        fold_aucs.append(float(roc_auc_score(y[test], proba)))
+    fold_aucs, out["oof_proba"] = cross_validated(x, y, cfg.folds, cfg.seed)
     out["fold_aucs"] = fold_aucs
     out["auc_mean"] = float(np.mean(fold_aucs))
     # Population sd over the folds (ddof=0): the reference study's convention, so the

@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -44,6 +44,9 @@ from .files import InputError
 from .models import as_out_in, from_out_in, target_weights
 from .quantize import QuantizedTensor, RTNSpec, quantize_rtn
 from .table_docs import polars_schema
+
+if TYPE_CHECKING:
+    from .forecast import Forecast
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,15 @@ class Level:
         if self.bits is None:
             return None
         return RTNSpec(bits=self.bits, symmetric=True, group_size=self.group_size, full_range=True)
+
+    @classmethod
+    def from_entry(cls, level: Mapping[str, Any]) -> Level:
+        """A level of a compression.protect entry, named int4, int8-g32 or fp16
+        (unquantized)."""
+        bits, group = level["bits"], level.get("group_size")
+        if bits is None:
+            return cls("fp16", None, None)
+        return cls(f"int{bits}" + (f"-g{group}" if group else ""), int(bits), group)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "bits": self.bits, "group_size": self.group_size}
@@ -947,3 +959,51 @@ def outcome_table(
             }
         )
     return pl.DataFrame(rows, schema=polars_schema("protect"))
+
+
+# ---------------------------------------------------------------- from the forecast
+def plan_for_watchlist(
+    forecast: Forecast,
+    shapes: Mapping[str, tuple[int, int]],
+    levels: Sequence[Level],
+    watch: Sequence[int],
+    *,
+    survived_r: float,
+    budget: Mapping[str, Any],
+) -> tuple[Plan, dict[str, Any]]:
+    """The plan for the watched features from a forecast of every quantized level (its
+    schemes named like the levels), and the record of what it predicts beside the plain
+    base (every matrix at levels[0]) for protect.json.
+
+    `budget` is a compression.protect entry's: {bits_per_weight} or {bytes}.
+    """
+    source = {s: i for i, s in enumerate(forecast.sources)}
+    row = {name: i for i, name in enumerate(forecast.schemes)}
+    # [level, matrix, watched feature]: an unquantized level adds no noise, and a matrix
+    # past the SAE's hook has no source row (nothing it does reaches the SAE)
+    variance = np.zeros((len(levels), len(shapes), len(watch)))
+    for k, level in enumerate(levels):
+        for m, matrix in enumerate(shapes):
+            if level.spec is not None and matrix in source:
+                variance[k, m] = forecast.variance[row[level.name], source[matrix]][list(watch)]
+    fp_variance = forecast.fp_variance[list(watch)]
+    plan = plan_protection(
+        variance, fp_variance, shapes, levels, survived_r=survived_r,
+        budget_bits_per_weight=budget.get("bits_per_weight"), budget_bytes=budget.get("bytes"),
+    )  # fmt: skip
+    base_r = predicted_r(fp_variance, variance[0].sum(axis=0))
+    n_weights = sum(o * i for o, i in shapes.values())
+    record = {
+        "budget": plan.budget,
+        "survived_r": survived_r,
+        "predicted_survived": plan.predicted_survived,
+        "bits_per_weight": plan.bits_per_weight,
+        "base_predicted_survived": int((base_r >= survived_r).sum()),
+        "base_bits_per_weight": sum(storage_bits(levels[0], sh) for sh in shapes.values())
+        / n_weights,
+        "solver": plan.solver,
+        "gap": plan.gap,
+        "forecast_tokens": forecast.n_tokens,
+        "shapes": {m: list(sh) for m, sh in shapes.items()},
+    }
+    return plan, record

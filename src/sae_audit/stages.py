@@ -1257,10 +1257,8 @@ def protect(
         gguf_tensor_types,
         llmcompressor_recipe,
         module_shapes,
-        plan_protection,
+        plan_for_watchlist,
         plan_table,
-        predicted_r,
-        storage_bits,
     )
     from .saes import check_compatible, sae_input
     from .survival import SurvivalConfig
@@ -1272,7 +1270,7 @@ def protect(
     thresholds = section(SurvivalConfig, analysis)
     device = resolve_device(str(encode.get("device", "auto")))
     watch = watchlist_features(read_parquet(fp_stats), watch_cfg, thresholds.active_rate)
-    levels = [Level(_level_name(lv), lv["bits"], lv.get("group_size")) for lv in entry["levels"]]
+    levels = [Level.from_entry(lv) for lv in entry["levels"]]
     schemes = [NoiseScheme(name=lv.name, weights=lv.spec) for lv in levels if lv.spec is not None]
     net = _forecast_model(spec, base, device)
     name, sae = _one_sae(saes, sae_path, device, "protect")
@@ -1283,39 +1281,13 @@ def protect(
         n_samples=cfg.n_samples, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
     )  # fmt: skip
     shapes = module_shapes(net)
-    source = {s: i for i, s in enumerate(result.sources)}
-    row = {sch.name: i for i, sch in enumerate(schemes)}
-    # [level, matrix, watched feature]: an unquantized level adds no noise, and a matrix
-    # past the SAE's hook has no source row (nothing it does reaches the SAE)
-    variance = np.zeros((len(levels), len(shapes), len(watch)))
-    for k, level in enumerate(levels):
-        for m, matrix in enumerate(shapes):
-            if level.spec is not None and matrix in source:
-                variance[k, m] = result.variance[row[level.name], source[matrix]][watch]
-    fp_variance = result.fp_variance[watch]
-    budget = entry["budget"]
     r_min = entry.get("survived_r")
-    r_min = thresholds.survived if r_min is None else float(r_min)
-    plan = plan_protection(
-        variance, fp_variance, shapes, levels, survived_r=r_min,
-        budget_bits_per_weight=budget.get("bits_per_weight"), budget_bytes=budget.get("bytes"),
+    plan, record = plan_for_watchlist(
+        result, shapes, levels, watch,
+        survived_r=thresholds.survived if r_min is None else float(r_min),
+        budget=entry["budget"],
     )  # fmt: skip
-    base_r = predicted_r(fp_variance, variance[0].sum(axis=0))
-    n_weights = sum(o * i for o, i in shapes.values())
-    record = {
-        "watchlist": {"ids": watch, "source": watch_cfg.source},
-        "budget": plan.budget,
-        "survived_r": r_min,
-        "predicted_survived": plan.predicted_survived,
-        "bits_per_weight": plan.bits_per_weight,
-        "base_predicted_survived": int((base_r >= r_min).sum()),
-        "base_bits_per_weight": sum(storage_bits(levels[0], sh) for sh in shapes.values())
-        / n_weights,
-        "solver": plan.solver,
-        "gap": plan.gap,
-        "forecast_tokens": result.n_tokens,
-        "shapes": {m: list(sh) for m, sh in shapes.items()},
-    }
+    record["watchlist"] = {"ids": watch, "source": watch_cfg.source}
     with atomic_path(Path(out), directory=True) as tmp:
         write_json(tmp / "plan.json", plan.to_dict())
         write_json(tmp / "protect.json", record)
@@ -1335,14 +1307,6 @@ def protect(
             m: levels[c].name for m, c in zip(plan.modules, plan.choice, strict=True) if c != 0
         },
     }
-
-
-def _level_name(level: Mapping[str, Any]) -> str:
-    """A protect level's name: int4, int8-g32, fp16 (unquantized)."""
-    if level["bits"] is None:
-        return "fp16"
-    group = level.get("group_size")
-    return f"int{level['bits']}" + (f"-g{group}" if group else "")
 
 
 @stage

@@ -159,6 +159,8 @@ SCHEME_BITS: dict[str, int] = {
     "FP8": 8,
     "FP8_DYNAMIC": 8,
 }
+# The GGUF types the damage forecast has a noise model for (sae_audit.forecast).
+FORECAST_GGUF_TYPES = ("Q8_0", "Q4_0")
 GGUF_BITS: dict[str, int] = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4, "F16": 16}
 
 

@@ -253,14 +253,8 @@ FORECAST_CONFIG = {
     k: config["forecast"][k]
     for k in ("n_sequences", "n_samples", "batch_size", "seed", "measure")
 }
-# Variants the forecast may model, with their config entry (shipped formats) or null; the
-# stage skips those without a noise model (logged). Nulls, external artifacts and protected
-# variants are not forecast here (protect forecasts its own plan).
-FORECAST_VARIANTS = {
-    v: (found[1] if (found := audit_config.shipped_entry(config, v)) else None)
-    for v in VARIANTS
-    if v not in ("fp-null", "fp-noise") and not v.startswith(("ext-", "protect-"))
-}
+# Variants the forecast models, with their config entry or null (config.forecast_variants).
+FORECAST_VARIANTS = audit_config.forecast_variants(config)
 FORECAST_MATCHED = [v for v in FORECAST_VARIANTS if v.startswith("prune-matched-")]
 WATCHLIST_FILES = [config["watchlist"]["file"]] if config["watchlist"]["file"] else []
 PROTECT_KEYS = list(config["compression"].get("protect", {}))

@@ -27,7 +27,10 @@ rule forecast:
         gpu=0 if config["encode"]["device"] == "cpu" else 1,
     params:
         base=base_model,
-        model=lambda w: dumps(model_cfg(w.model)["model"]),
+        # which model, not how the audit runs it: the forecast is float32 and eager
+        model=lambda w: dumps(
+            {k: model_cfg(w.model)["model"][k] for k in ("source", "revision")}
+        ),
         saes=lambda w: dumps({w.sae: model_cfg(w.model)["saes"][w.sae]}),
         sae_path=lambda w: [
             f"{n}={d}" for n, d in sae_dirs(w.model).items() if n == w.sae
@@ -97,7 +100,10 @@ rule protect:
         gpu=0 if config["encode"]["device"] == "cpu" else 1,
     params:
         base=base_model,
-        model=lambda w: dumps(model_cfg(w.model)["model"]),
+        # which model, not how the audit runs it: the forecast is float32 and eager
+        model=lambda w: dumps(
+            {k: model_cfg(w.model)["model"][k] for k in ("source", "revision")}
+        ),
         saes=lambda w: dumps(
             {
                 (s := audit_config.protect_sae(config, w.model, w.key)): model_cfg(
